@@ -1,0 +1,1 @@
+"""osqueue: a distributed job queue whose whole state is one JSON document on object storage."""
