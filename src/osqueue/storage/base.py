@@ -72,6 +72,7 @@ class Storage(ABC):
 
     async def close(self) -> None:
         """Release connections and files. Idempotent."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """A JSON-safe description for logs and ``/healthz`` (never credentials)."""

@@ -1,0 +1,180 @@
+"""Parse and check request bodies: every mistake becomes a BrokerProtocolError that says
+which field is wrong and why. Shared by REST, WebSocket and Connect."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import orjson
+
+from osqueue.errors import BrokerProtocolError
+from osqueue.model import DEAD_REASONS
+from osqueue.state import DEFAULT_MAX_ATTEMPTS, SubmitSpec
+
+__all__ = [
+    "MAX_ATTEMPTS_LIMIT",
+    "MAX_TYPE_LENGTH",
+    "parse_body",
+    "parse_claim",
+    "parse_fail",
+    "parse_lease",
+    "parse_submit",
+]
+
+MAX_TYPE_LENGTH = 256
+MAX_KEY_LENGTH = 512
+MAX_ATTEMPTS_LIMIT = 1000
+MAX_TYPES = 100
+MAX_WAIT_MS = 60_000
+MAX_DELAY_MS = 366 * 24 * 3600 * 1000
+INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
+_LONG_DIGITS = re.compile(rb"\d{19,}")
+
+
+def _reject_constant(name: str) -> Any:
+    raise BrokerProtocolError(f"{name} is not valid JSON; send a number or a string")
+
+
+def _big_int_path(value: Any, path: str = "$") -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if INT64_MIN <= value <= UINT64_MAX else path
+    if isinstance(value, dict):
+        for k, v in value.items():
+            hit = _big_int_path(v, f"{path}.{k}")
+            if hit:
+                return hit
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            hit = _big_int_path(v, f"{path}[{i}]")
+            if hit:
+                return hit
+    return None
+
+
+def parse_body(raw: bytes) -> Any:
+    """Decode a request body strictly.
+
+    orjson refuses NaN, Infinity, overflowing numbers and invalid UTF-8, but it silently
+    turns integers beyond 64 bits into floats; such a body is refused instead, naming the
+    field, because the payload would not come back as it was sent.
+    """
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BrokerProtocolError(f"request body is not valid JSON: {exc}") from exc
+    if _LONG_DIGITS.search(raw):
+        exact = json.loads(raw, parse_constant=_reject_constant)
+        path = _big_int_path(exact)
+        if path is not None:
+            raise BrokerProtocolError(
+                f"integer at {path} does not fit in 64 bits; send it as a string"
+            )
+    return value
+
+
+def _object(body: Any, what: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise BrokerProtocolError(f"{what} body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _int(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BrokerProtocolError(f"{name} must be an integer, got {value!r:.50}")
+    if not low <= value <= high:
+        raise BrokerProtocolError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _str(body: dict[str, Any], name: str, max_length: int, *, required: bool = False) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise BrokerProtocolError(f"{name} is required")
+        return None
+    if not isinstance(value, str):
+        raise BrokerProtocolError(f"{name} must be a string, got {type(value).__name__}")
+    if required and not value:
+        raise BrokerProtocolError(f"{name} must not be empty")
+    if len(value) > max_length:
+        raise BrokerProtocolError(f"{name} is {len(value)} characters; the limit is {max_length}")
+    return value
+
+
+def _required_str(body: dict[str, Any], name: str, max_length: int) -> str:
+    value = _str(body, name, max_length, required=True)
+    if value is None:  # unreachable: _str raises for a missing required field
+        raise BrokerProtocolError(f"{name} is required")
+    return value
+
+
+def parse_submit(body: Any) -> SubmitSpec:
+    body = _object(body, "submit")
+    if "payload" not in body:
+        raise BrokerProtocolError("payload is required (any JSON value, null included)")
+    max_attempts = _int(body, "maxAttempts", 1, MAX_ATTEMPTS_LIMIT)
+    return SubmitSpec(
+        payload=body["payload"],
+        type=_str(body, "type", MAX_TYPE_LENGTH),
+        max_attempts=DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts,
+        run_at_ms=_int(body, "runAt", 0, 2**53),
+        delay_ms=_int(body, "delayMs", 0, MAX_DELAY_MS),
+        priority=_int(body, "priority", -(2**31), 2**31 - 1) or 0,
+        idempotency_key=_str(body, "idempotencyKey", MAX_KEY_LENGTH),
+    )
+
+
+def parse_claim(body: Any) -> tuple[str, list[str] | None, int]:
+    """(worker id, type filter or None, wait in ms)."""
+    body = _object(body, "claim")
+    worker_id = _required_str(body, "workerId", MAX_KEY_LENGTH)
+    types = body.get("types")
+    if types is not None:
+        if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+            raise BrokerProtocolError("types must be a list of strings")
+        if len(types) > MAX_TYPES:
+            raise BrokerProtocolError(f"types lists {len(types)} types; the limit is {MAX_TYPES}")
+    wait_ms = _int(body, "waitMs", 0, MAX_WAIT_MS) or 0
+    return worker_id, types or None, wait_ms
+
+
+def parse_lease(body: Any) -> tuple[str, int | None]:
+    """(worker id, attempt or None) of a heartbeat, complete or fail."""
+    body = _object(body, "request")
+    worker_id = _required_str(body, "workerId", MAX_KEY_LENGTH)
+    return worker_id, _int(body, "attempt", 0, MAX_ATTEMPTS_LIMIT)
+
+
+def parse_fail(body: Any) -> tuple[str | None, int | None, str | None]:
+    """(error text, retry delay in ms, dead reason) of a fail."""
+    body = _object(body, "fail")
+    error = _str(body, "error", 64 * 1024)
+    delay = _int(body, "retryDelayMs", 0, MAX_DELAY_MS)
+    reason = _str(body, "reason", 64)
+    if reason is not None and (reason not in DEAD_REASONS or reason == "heartbeat_timeout"):
+        raise BrokerProtocolError("reason must be 'failed' or 'invalid_payload' when given")
+    if reason == "exhausted":
+        reason = "failed"
+    return error, delay, reason
+
+
+def parse_requeue(body: Any) -> tuple[list[str] | None, str | None]:
+    """(job ids or None for all, type or None) of a dead-letter requeue."""
+    body = _object({} if body is None else body, "requeue")
+    job_ids = body.get("jobIds")
+    if job_ids is not None and (
+        not isinstance(job_ids, list) or not all(isinstance(j, str) for j in job_ids)
+    ):
+        raise BrokerProtocolError("jobIds must be a list of strings")
+    return job_ids, _str(body, "type", MAX_TYPE_LENGTH)
+
+
+def parse_job_id(value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_KEY_LENGTH:
+        raise BrokerProtocolError("jobId must be a non-empty string")
+    return value

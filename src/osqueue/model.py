@@ -1,0 +1,131 @@
+"""The state document's types and its strict JSON codec.
+
+The document is plain JSON objects all the way down: jobs stay ``dict`` so that fields this
+version does not know (written by a newer broker, or the TypeScript one) survive a round trip.
+The ``TypedDict`` classes below name the fields osqueue itself reads and writes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, NotRequired, TypedDict
+
+import orjson
+
+from osqueue.errors import BrokerProtocolError, EngineStateError
+
+__all__ = [
+    "DEAD_REASONS",
+    "DeadJob",
+    "Job",
+    "StateDocument",
+    "decode_json",
+    "decode_state",
+    "empty_document",
+    "encode_json",
+    "encode_state",
+]
+
+JobStatus = Literal["unclaimed", "in_progress"]
+DeadReason = Literal["exhausted", "failed", "invalid_payload", "heartbeat_timeout", "cancelled"]
+DEAD_REASONS: frozenset[str] = frozenset(
+    ("exhausted", "failed", "invalid_payload", "heartbeat_timeout")
+)
+
+
+class Job(TypedDict):
+    id: str
+    status: JobStatus
+    payload: Any
+    createdAt: int
+    attempts: int
+    maxAttempts: int
+    type: NotRequired[str]
+    workerId: NotRequired[str]
+    heartbeat: NotRequired[int]
+    runAt: NotRequired[int]
+    priority: NotRequired[int]
+    lastError: NotRequired[str]
+    idempotencyKey: NotRequired[str]
+
+
+class DeadJob(Job):
+    reason: DeadReason
+    deadAt: int
+
+
+class StateDocument(TypedDict):
+    broker: str | None
+    brokerHeartbeat: int
+    jobs: list[Job]
+    completedTotal: int
+    brokerId: NotRequired[str]
+    epoch: NotRequired[int]
+    dead: NotRequired[list[DeadJob]]
+    deadTotal: NotRequired[int]
+    commitId: NotRequired[str]
+
+
+def empty_document() -> dict[str, Any]:
+    """What an absent object means: an empty queue with no broker."""
+    return {"broker": None, "brokerHeartbeat": 0, "jobs": [], "completedTotal": 0}
+
+
+def encode_json(value: Any) -> bytes:
+    """Encode strictly: a float that is NaN or infinite raises instead of becoming null.
+
+    orjson itself refuses integers beyond 64 bits; both come out as BrokerProtocolError.
+    """
+    try:
+        return orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise BrokerProtocolError(f"value cannot be encoded as JSON: {exc}") from exc
+
+
+def decode_json(data: bytes | str) -> Any:
+    """Decode strictly (orjson refuses NaN, Infinity, invalid UTF-8 and >64-bit integers)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BrokerProtocolError(f"malformed JSON: {exc}") from exc
+
+
+def find_non_finite(value: Any, path: str = "$") -> str | None:
+    """The JSON path of the first NaN or infinite float inside ``value``, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, dict):
+        for k, v in value.items():
+            hit = find_non_finite(v, f"{path}.{k}")
+            if hit:
+                return hit
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            hit = find_non_finite(v, f"{path}[{i}]")
+            if hit:
+                return hit
+    return None
+
+
+def encode_state(doc: dict[str, Any]) -> bytes:
+    """The bytes of the state document (compact, UTF-8)."""
+    try:
+        return orjson.dumps(doc)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise EngineStateError(f"state document cannot be encoded: {exc}") from exc
+
+
+def decode_state(data: bytes) -> dict[str, Any]:
+    """Parse a stored document, filling the fields an older writer left out."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise EngineStateError(f"stored state is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("jobs", []), list):
+        raise EngineStateError("stored state is not an osqueue document (no jobs list)")
+    for key, default in empty_document().items():
+        doc.setdefault(key, default)
+    for job in doc["jobs"]:
+        if not isinstance(job, dict) or not isinstance(job.get("id"), str):
+            raise EngineStateError("stored state holds a job without a string id")
+    return doc

@@ -1,0 +1,464 @@
+"""Pure state transitions over the queue document, with the indexes that make them cheap.
+
+Nothing here does I/O or reads a clock: every transition takes ``now_ms`` (and any random
+jitter) as an argument, so the engine can replay a batch against a freshly read document
+and tests can drive time by hand.
+
+Indexes (rebuilt by :meth:`QueueState.from_document`):
+
+* ``_ready_any`` and ``_ready_by_type``: heaps of claimable jobs ordered by
+  (-priority, submission order). A claim with a type filter only looks at the heads of the
+  heaps of those types, so its cost does not grow with the backlog of other types.
+* ``_delayed``: a heap of jobs whose ``runAt`` is in the future, promoted when due.
+* ``_leases``: in-progress job ids in heartbeat order, so expiry looks only at the front.
+
+Heap entries are invalidated lazily: each carries the job's generation, bumped whenever the
+job leaves or re-enters the claimable set, and stale entries are dropped when they surface.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from osqueue.errors import JobNotFoundError, LeaseLostError
+
+__all__ = [
+    "DEFAULT_DEAD_LIMIT",
+    "DEFAULT_IDEMPOTENCY_RETENTION_MS",
+    "DEFAULT_MAX_ATTEMPTS",
+    "ClaimResult",
+    "QueueState",
+    "SubmitResult",
+    "SubmitSpec",
+    "default_retry_delay_ms",
+]
+
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_DEAD_LIMIT = 1000
+DEFAULT_IDEMPOTENCY_RETENTION_MS = 24 * 3600 * 1000
+RETRY_BASE_MS = 1000
+RETRY_CAP_MS = 5 * 60 * 1000
+
+_Entry = tuple[int, int, str, int]  # (-priority, seq, job id, generation)
+_DelayedEntry = tuple[int, int, str, int]  # (runAt, seq, job id, generation)
+
+
+def default_retry_delay_ms(attempts: int, jitter: float) -> int:
+    """Exponential backoff from 1 s, doubling per attempt, capped at 5 min, with jitter.
+
+    ``jitter`` in [0, 1) takes up to half of the delay away ("equal jitter").
+    """
+    base = min(RETRY_CAP_MS, RETRY_BASE_MS * (2 ** max(0, attempts - 1)))
+    return int(base / 2 + (base / 2) * jitter)
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitSpec:
+    """A validated submit request."""
+
+    payload: Any
+    type: str | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    run_at_ms: int | None = None
+    delay_ms: int | None = None
+    priority: int = 0
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitResult:
+    job_id: str
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    job_id: str
+    payload: Any
+    type: str | None
+    attempts: int
+    max_attempts: int
+
+
+class QueueState:
+    """The live queue: the document plus its indexes. Mutated in place by transitions."""
+
+    def __init__(
+        self,
+        *,
+        dead_limit: int = DEFAULT_DEAD_LIMIT,
+        idempotency_retention_ms: int = DEFAULT_IDEMPOTENCY_RETENTION_MS,
+    ) -> None:
+        self.dead_limit = dead_limit
+        self.idempotency_retention_ms = idempotency_retention_ms
+        self.extra: dict[str, Any] = {}
+        self.broker: str | None = None
+        self.broker_heartbeat = 0
+        self.broker_id: str | None = None
+        self.epoch = 0
+        self.completed_total = 0
+        self.dead_total = 0
+        self.commit_id: str | None = None
+        #: Bumped by every transition that changed the document; the engine compares it
+        #: before and after an operation to know whether the batch needs a write.
+        self.changes = 0
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.dead: deque[dict[str, Any]] = deque()
+        self.idempotency: dict[str, list[Any]] = {}  # key -> [job id, expiresAt]
+        self._seq: dict[str, int] = {}
+        self._next_seq = 0
+        self._gen: dict[str, int] = {}
+        self._ready_any: list[_Entry] = []
+        self._ready_by_type: dict[str | None, list[_Entry]] = {}
+        self._delayed: list[_DelayedEntry] = []
+        self._leases: dict[str, None] = {}
+
+    # -- loading and saving -------------------------------------------------------------
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any], **options: Any) -> QueueState:
+        """Build the state and its indexes from a decoded document (taken over, not copied)."""
+        state = cls(**options)
+        known = {
+            "broker", "brokerHeartbeat", "brokerId", "epoch", "jobs", "completedTotal",
+            "dead", "deadTotal", "commitId", "idempotencyKeys",
+        }  # fmt: skip
+        state.extra = {k: v for k, v in doc.items() if k not in known}
+        state.broker = doc.get("broker")
+        state.broker_heartbeat = int(doc.get("brokerHeartbeat") or 0)
+        state.broker_id = doc.get("brokerId")
+        state.epoch = int(doc.get("epoch") or 0)
+        state.completed_total = int(doc.get("completedTotal") or 0)
+        state.dead_total = int(doc.get("deadTotal") or 0)
+        state.commit_id = doc.get("commitId")
+        state.dead = deque(doc.get("dead") or [])
+        state.idempotency = dict(doc.get("idempotencyKeys") or {})
+        for job in doc.get("jobs") or []:
+            job.setdefault("attempts", 0)
+            job.setdefault("maxAttempts", DEFAULT_MAX_ATTEMPTS)
+            state._add(job, now_ms=None)
+        return state
+
+    def to_document(self) -> dict[str, Any]:
+        """The document as plain JSON-ready values (shares the job dicts; encode at once)."""
+        doc: dict[str, Any] = dict(self.extra)
+        doc.update(
+            broker=self.broker,
+            brokerHeartbeat=self.broker_heartbeat,
+            jobs=list(self.jobs.values()),
+            completedTotal=self.completed_total,
+            epoch=self.epoch,
+            dead=list(self.dead),
+            deadTotal=self.dead_total,
+        )
+        if self.broker_id is not None:
+            doc["brokerId"] = self.broker_id
+        if self.idempotency:
+            doc["idempotencyKeys"] = self.idempotency
+        if self.commit_id is not None:
+            doc["commitId"] = self.commit_id
+        return doc
+
+    # -- index upkeep ---------------------------------------------------------------
+
+    def _add(self, job: dict[str, Any], now_ms: int | None) -> None:
+        job_id = job["id"]
+        self.jobs[job_id] = job
+        self._seq[job_id] = self._next_seq
+        self._next_seq += 1
+        if job.get("status") == "in_progress":
+            self._leases[job_id] = None
+        else:
+            job["status"] = "unclaimed"
+            self._make_claimable(job, now_ms)
+
+    def _make_claimable(self, job: dict[str, Any], now_ms: int | None) -> None:
+        job_id = job["id"]
+        gen = self._gen.get(job_id, 0) + 1
+        self._gen[job_id] = gen
+        seq = self._seq[job_id]
+        run_at = job.get("runAt")
+        if isinstance(run_at, int) and (now_ms is None or run_at > now_ms):
+            heapq.heappush(self._delayed, (run_at, seq, job_id, gen))
+            return
+        entry = (-int(job.get("priority") or 0), seq, job_id, gen)
+        heapq.heappush(self._ready_any, entry)
+        heapq.heappush(self._ready_by_type.setdefault(job.get("type"), []), entry)
+
+    def _is_live(self, job_id: str, gen: int) -> bool:
+        job = self.jobs.get(job_id)
+        return job is not None and job["status"] == "unclaimed" and self._gen.get(job_id) == gen
+
+    def _promote_due(self, now_ms: int) -> None:
+        delayed = self._delayed
+        while delayed and delayed[0][0] <= now_ms:
+            _run_at, _seq, job_id, gen = heapq.heappop(delayed)
+            if self._is_live(job_id, gen):
+                self._make_claimable(self.jobs[job_id], now_ms)
+
+    def _head(self, heap: list[_Entry]) -> _Entry | None:
+        while heap and not self._is_live(heap[0][2], heap[0][3]):
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
+    def _forget(self, job_id: str) -> dict[str, Any]:
+        job = self.jobs.pop(job_id)
+        self._seq.pop(job_id, None)
+        self._gen.pop(job_id, None)
+        self._leases.pop(job_id, None)
+        return job
+
+    # -- queries ------------------------------------------------------------------------
+
+    @property
+    def in_progress_count(self) -> int:
+        return len(self._leases)
+
+    def next_run_at_ms(self) -> int | None:
+        """When the earliest delayed job becomes claimable, if any is waiting."""
+        delayed = self._delayed
+        while delayed and not self._is_live(delayed[0][2], delayed[0][3]):
+            heapq.heappop(delayed)
+        return delayed[0][0] if delayed else None
+
+    def oldest_lease_heartbeat_ms(self) -> int | None:
+        """The oldest heartbeat among in-progress jobs (the next to expire)."""
+        for job_id in self._leases:
+            return int(self.jobs[job_id].get("heartbeat") or 0)
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        total = len(self.jobs)
+        return {
+            "total": total,
+            "unclaimed": total - len(self._leases),
+            "inProgress": len(self._leases),
+            "completedTotal": self.completed_total,
+            "brokerAddress": self.broker or "",
+            "dead": len(self.dead),
+            "deadTotal": self.dead_total,
+        }
+
+    def find(self, job_id: str) -> dict[str, Any]:
+        """A job by id, live or dead (a dead one gets ``status`` ``"dead"``)."""
+        job = self.jobs.get(job_id)
+        if job is not None:
+            return job
+        for dead in reversed(self.dead):
+            if dead.get("id") == job_id:
+                return {**dead, "status": "dead"}
+        raise JobNotFoundError(f"no job with id {job_id!r}", jobId=job_id)
+
+    # -- transitions ----------------------------------------------------------------
+
+    def submit(self, spec: SubmitSpec, job_id: str, now_ms: int) -> SubmitResult:
+        """Append a job, or return the existing one for a known idempotency key."""
+        key = spec.idempotency_key
+        if key is not None:
+            known = self.idempotency.get(key)
+            if known is not None and known[1] > now_ms:
+                return SubmitResult(str(known[0]), duplicate=True)
+        job: dict[str, Any] = {
+            "id": job_id,
+            "status": "unclaimed",
+            "payload": spec.payload,
+            "createdAt": now_ms,
+            "attempts": 0,
+            "maxAttempts": spec.max_attempts,
+        }
+        if spec.type is not None:
+            job["type"] = spec.type
+        run_at = spec.run_at_ms
+        if spec.delay_ms:
+            run_at = now_ms + spec.delay_ms
+        if run_at is not None and run_at > now_ms:
+            job["runAt"] = run_at
+        if spec.priority:
+            job["priority"] = spec.priority
+        if key is not None:
+            job["idempotencyKey"] = key
+            self.idempotency[key] = [job_id, now_ms + self.idempotency_retention_ms]
+        self._add(job, now_ms)
+        self.changes += 1
+        return SubmitResult(job_id)
+
+    def claim(self, worker_id: str, types: Iterable[str] | None, now_ms: int) -> ClaimResult | None:
+        """Hand the best claimable job to ``worker_id``; None when nothing matches."""
+        self._promote_due(now_ms)
+        wanted = set(types) if types else None
+        if wanted is None:
+            best = self._head(self._ready_any)
+        else:
+            heads = [self._head(self._ready_by_type.get(t, [])) for t in wanted]
+            best = min((h for h in heads if h is not None), default=None)
+        if best is None:
+            return None
+        job = self.jobs[best[2]]
+        self._gen[job["id"]] += 1
+        job["status"] = "in_progress"
+        job["workerId"] = worker_id
+        job["heartbeat"] = now_ms
+        job["attempts"] = int(job.get("attempts") or 0) + 1
+        job.pop("runAt", None)
+        self._leases[job["id"]] = None
+        self.changes += 1
+        return ClaimResult(
+            job["id"], job["payload"], job.get("type"), job["attempts"], job["maxAttempts"]
+        )
+
+    def _held(self, job_id: str, worker_id: str, attempt: int | None) -> dict[str, Any]:
+        job = self.jobs.get(job_id)
+        if job is None or job["status"] != "in_progress" or job.get("workerId") != worker_id:
+            raise LeaseLostError(f"worker {worker_id!r} does not hold job {job_id!r}", jobId=job_id)
+        if attempt is not None and job["attempts"] != attempt:
+            raise LeaseLostError(
+                f"attempt {attempt} of job {job_id!r} is over (now at {job['attempts']})",
+                jobId=job_id,
+            )
+        return job
+
+    def heartbeat(self, job_id: str, worker_id: str, attempt: int | None, now_ms: int) -> None:
+        job = self._held(job_id, worker_id, attempt)
+        job["heartbeat"] = now_ms
+        self.changes += 1
+        leases = self._leases
+        leases.pop(job_id, None)
+        leases[job_id] = None
+
+    def complete(self, job_id: str, worker_id: str, attempt: int | None) -> None:
+        self._held(job_id, worker_id, attempt)
+        self._forget(job_id)
+        self.completed_total += 1
+        self.changes += 1
+
+    def fail(
+        self,
+        job_id: str,
+        worker_id: str,
+        attempt: int | None,
+        now_ms: int,
+        *,
+        error: str | None = None,
+        retry_delay_ms: int | None = None,
+        dead_reason: str | None = None,
+        jitter: float = 0.5,
+    ) -> str:
+        """Give a job back. Returns ``"retry"`` or the dead reason it was buried with."""
+        job = self._held(job_id, worker_id, attempt)
+        self.changes += 1
+        if error is not None:
+            job["lastError"] = error
+        if dead_reason is None and job["attempts"] >= job["maxAttempts"]:
+            dead_reason = "exhausted"
+        if dead_reason is not None:
+            self._bury(job_id, dead_reason, now_ms)
+            return dead_reason
+        delay = retry_delay_ms
+        if delay is None:
+            delay = default_retry_delay_ms(job["attempts"], jitter)
+        self._release(job, now_ms + delay if delay > 0 else None, now_ms)
+        return "retry"
+
+    def _release(self, job: dict[str, Any], run_at_ms: int | None, now_ms: int) -> None:
+        job["status"] = "unclaimed"
+        job.pop("workerId", None)
+        job.pop("heartbeat", None)
+        if run_at_ms is not None:
+            job["runAt"] = run_at_ms
+        self._leases.pop(job["id"], None)
+        self._make_claimable(job, now_ms)
+
+    def _bury(self, job_id: str, reason: str, now_ms: int) -> dict[str, Any]:
+        job = self._forget(job_id)
+        job.pop("heartbeat", None)
+        job.pop("runAt", None)
+        job["status"] = "dead"
+        job["reason"] = reason
+        job["deadAt"] = now_ms
+        self.dead.append(job)
+        self.dead_total += 1
+        while len(self.dead) > self.dead_limit:
+            self.dead.popleft()
+        return job
+
+    def expire(self, now_ms: int, job_timeout_ms: int) -> list[tuple[str, str]]:
+        """Release or bury every in-progress job whose heartbeat is older than the timeout.
+
+        Returns (job id, ``"retry"`` or ``"heartbeat_timeout"``) for each expired job.
+        """
+        expired: list[tuple[str, str]] = []
+        for job_id in list(self._leases):
+            job = self.jobs[job_id]
+            if int(job.get("heartbeat") or 0) + job_timeout_ms > now_ms:
+                break
+            job["lastError"] = f"heartbeat timed out on worker {job.get('workerId')}"
+            if job["attempts"] >= job["maxAttempts"]:
+                self._bury(job_id, "heartbeat_timeout", now_ms)
+                expired.append((job_id, "heartbeat_timeout"))
+            else:
+                self._release(job, None, now_ms)
+                expired.append((job_id, "retry"))
+        self.changes += len(expired)
+        return expired
+
+    def cancel(self, job_id: str) -> None:
+        """Remove a queued or running job; its worker learns at the next heartbeat."""
+        if job_id not in self.jobs:
+            raise JobNotFoundError(f"no live job with id {job_id!r}", jobId=job_id)
+        self._forget(job_id)
+        self.changes += 1
+
+    def requeue_dead(self, job_ids: Iterable[str] | None, type_: str | None, now_ms: int) -> int:
+        """Move matching dead jobs back to the queue with ``attempts`` 0."""
+        wanted = set(job_ids) if job_ids is not None else None
+        keep: deque[dict[str, Any]] = deque()
+        moved = 0
+        for dead in self.dead:
+            match = (wanted is None or dead.get("id") in wanted) and (
+                type_ is None or dead.get("type") == type_
+            )
+            if not match or dead.get("id") in self.jobs:
+                keep.append(dead)
+                continue
+            job = {k: v for k, v in dead.items() if k not in ("reason", "deadAt", "workerId")}
+            job["status"] = "unclaimed"
+            job["attempts"] = 0
+            self._add(job, now_ms)
+            moved += 1
+        self.dead = keep
+        self.changes += moved
+        return moved
+
+    def purge_dead(self) -> int:
+        purged = len(self.dead)
+        self.dead.clear()
+        self.changes += purged
+        return purged
+
+    def prune_idempotency(self, now_ms: int) -> int:
+        """Drop idempotency keys past their retention window."""
+        stale = [k for k, (_job, expires_at) in self.idempotency.items() if expires_at <= now_ms]
+        for key in stale:
+            del self.idempotency[key]
+        self.changes += len(stale)
+        return len(stale)
+
+    def register(self, address: str, broker_id: str, now_ms: int, *, takeover: bool) -> None:
+        """Record this broker as leader. A takeover bumps the epoch and resets leases."""
+        if takeover:
+            self.epoch += 1
+            for job_id in self._leases:
+                self.jobs[job_id]["heartbeat"] = now_ms
+        self.broker = address
+        self.broker_id = broker_id
+        self.broker_heartbeat = now_ms
+        self.changes += 1
+
+    def resign(self) -> None:
+        """Clear ``broker`` so that a standby takes over at once."""
+        self.broker = None
+        self.changes += 1
