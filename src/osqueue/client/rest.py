@@ -1,0 +1,160 @@
+"""The REST transport: each method is one HTTP request over a kept-alive httpx connection."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+from urllib.parse import quote
+
+import httpx
+
+from osqueue.errors import (
+    BrokerProtocolError,
+    TransportConfigError,
+    TransportConnectionError,
+    error_from_body,
+)
+from osqueue.model import decode_json, encode_json
+
+__all__ = ["DEFAULT_CONNECT_TIMEOUT_S", "DEFAULT_TIMEOUT_S", "ROUTES", "RestTransport"]
+
+DEFAULT_TIMEOUT_S: Final = 30.0
+DEFAULT_CONNECT_TIMEOUT_S: Final = 5.0
+USER_AGENT: Final = "osqueue-python"
+
+#: method name -> (HTTP verb, path template, whether ``params`` is sent as the body).
+#: ``{jobId}`` is filled from ``params["jobId"]``, which is then left out of the body.
+ROUTES: Final[dict[str, tuple[str, str, bool]]] = {
+    "submitJob": ("POST", "/v1/jobs", True),
+    "submitBatch": ("POST", "/v1/jobs/batch", True),
+    "claimJob": ("POST", "/v1/jobs/claim", True),
+    "heartbeat": ("POST", "/v1/jobs/{jobId}/heartbeat", True),
+    "completeJob": ("POST", "/v1/jobs/{jobId}/complete", True),
+    "failJob": ("POST", "/v1/jobs/{jobId}/fail", True),
+    "getStats": ("GET", "/v1/stats", False),
+    "listJobs": ("GET", "/v1/jobs", False),
+    "getJob": ("GET", "/v1/jobs/{jobId}", False),
+    "cancelJob": ("POST", "/v1/jobs/{jobId}/cancel", True),
+    "listDead": ("GET", "/v1/dead", False),
+    "requeueDead": ("POST", "/v1/dead/requeue", True),
+    "purgeDead": ("DELETE", "/v1/dead", False),
+}
+
+# Failures that happen before a request can have reached the broker.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def normalize_base_url(url: str) -> str:
+    """``http(s)://host:port`` without a trailing slash; a bare ``host:port`` gets ``http://``.
+
+    The bare form is what the state document's ``broker`` field holds.
+    """
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = f"http://{url}"
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in ("http", "https") or url.endswith("://"):
+        raise TransportConfigError(
+            f"broker URL {url!r} is not usable: give http://host:port (url= or BROKER_URL)"
+        )
+    return url
+
+
+class RestTransport:
+    """Carries client calls as the REST requests of the protocol (section 5).
+
+    One :class:`httpx.AsyncClient` keeps connections alive between calls. ``token`` is sent
+    as ``Authorization: Bearer <token>``. ``timeout_s`` bounds a whole request; a claim that
+    waits (``waitMs``) gets that wait on top. ``http_transport`` replaces httpx's network
+    layer (tests pass :class:`httpx.MockTransport`).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        max_connections: int = 100,
+        http_transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = normalize_base_url(base_url)
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        headers = {"user-agent": USER_AGENT, "accept": "application/json"}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=self._timeout(0.0),
+            limits=httpx.Limits(max_connections=max_connections),
+            transport=http_transport,
+        )
+
+    def __repr__(self) -> str:
+        return f"RestTransport({self.base_url!r})"
+
+    def _timeout(self, extra_s: float) -> httpx.Timeout:
+        total_s = self.timeout_s + extra_s
+        return httpx.Timeout(total_s, connect=min(self.connect_timeout_s, total_s))
+
+    async def call(self, method: str, params: dict[str, Any]) -> Any:
+        """Send one request; answer the decoded body, ``{}`` for 204."""
+        verb, path, body = self._route(method, params)
+        wait_ms = params.get("waitMs") if method == "claimJob" else None
+        extra_s = wait_ms / 1000 if isinstance(wait_ms, int | float) and wait_ms > 0 else 0.0
+        try:
+            response = await self._http.request(
+                verb,
+                path,
+                content=encode_json(body) if body is not None else None,
+                headers={"content-type": "application/json"} if body is not None else None,
+                timeout=self._timeout(extra_s),
+            )
+        except httpx.UnsupportedProtocol as exc:
+            raise TransportConfigError(f"cannot reach {self.base_url}: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise TransportConnectionError(
+                f"{verb} {self.base_url}{path} failed: {type(exc).__name__}: {exc}",
+                method=verb,
+                path=path,
+                request_sent=not isinstance(exc, _NOT_SENT),
+            ) from exc
+        return self._answer(response, verb, path)
+
+    @staticmethod
+    def _route(method: str, params: dict[str, Any]) -> tuple[str, str, dict[str, Any] | None]:
+        route = ROUTES.get(method)
+        if route is None:
+            raise BrokerProtocolError(f"unknown method {method!r}", method=method)
+        verb, template, has_body = route
+        body = dict(params)
+        path = template
+        if "{jobId}" in template:
+            job_id = body.pop("jobId", None)
+            if not isinstance(job_id, str) or not job_id:
+                raise BrokerProtocolError(f"{method} needs a string jobId", method=method)
+            path = template.replace("{jobId}", quote(job_id, safe=""))
+        return verb, path, body if has_body else None
+
+    @staticmethod
+    def _answer(response: httpx.Response, verb: str, path: str) -> Any:
+        status = response.status_code
+        if status == 204:
+            return {}
+        try:
+            decoded = decode_json(response.content) if response.content else None
+        except BrokerProtocolError:
+            decoded = None
+        if 200 <= status < 300:
+            if decoded is None and response.content:
+                raise BrokerProtocolError(
+                    f"{verb} {path} answered {status} with a body that is not JSON"
+                )
+            return {} if decoded is None else decoded
+        raise error_from_body(decoded, status=status, method=verb, path=path)
+
+    async def aclose(self) -> None:
+        """Close the kept-alive connections."""
+        await self._http.aclose()
