@@ -1,0 +1,3 @@
+from osqueue.cli import main
+
+main()
