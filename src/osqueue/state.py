@@ -141,6 +141,10 @@ class QueueState:
             job.setdefault("attempts", 0)
             job.setdefault("maxAttempts", DEFAULT_MAX_ATTEMPTS)
             state._add(job, now_ms=None)
+        # Expiry reads leases front to back and stops at the first live one, so they must
+        # be in heartbeat order, which the document's submission order is not.
+        by_heartbeat = sorted(state._leases, key=lambda j: int(state.jobs[j].get("heartbeat") or 0))
+        state._leases = dict.fromkeys(by_heartbeat)
         return state
 
     def to_document(self) -> dict[str, Any]:
