@@ -14,6 +14,8 @@ Indexes (rebuilt by :meth:`QueueState.from_document`):
 
 Heap entries are invalidated lazily: each carries the job's generation, bumped whenever the
 job leaves or re-enters the claimable set, and stale entries are dropped when they surface.
+Heads alone would never shed the stale entries of a heap nobody claims from, so every heap is
+swept now and then (see :meth:`QueueState._compact`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ DEFAULT_DEAD_LIMIT = 1000
 DEFAULT_IDEMPOTENCY_RETENTION_MS = 24 * 3600 * 1000
 RETRY_BASE_MS = 1000
 RETRY_CAP_MS = 5 * 60 * 1000
+#: Heap entries pushed (beyond twice the live jobs) before stale entries are swept out.
+COMPACTION_MIN_PUSHES = 1024
 
 _Entry = tuple[int, int, str, int]  # (-priority, seq, job id, generation)
 _DelayedEntry = tuple[int, int, str, int]  # (runAt, seq, job id, generation)
@@ -116,6 +120,7 @@ class QueueState:
         self._ready_by_type: dict[str | None, list[_Entry]] = {}
         self._delayed: list[_DelayedEntry] = []
         self._leases: dict[str, None] = {}
+        self._pushes_since_compaction = 0
 
     # -- loading and saving -------------------------------------------------------------
 
@@ -188,10 +193,33 @@ class QueueState:
         run_at = job.get("runAt")
         if isinstance(run_at, int) and (now_ms is None or run_at > now_ms):
             heapq.heappush(self._delayed, (run_at, seq, job_id, gen))
-            return
-        entry = (-int(job.get("priority") or 0), seq, job_id, gen)
-        heapq.heappush(self._ready_any, entry)
-        heapq.heappush(self._ready_by_type.setdefault(job.get("type"), []), entry)
+        else:
+            entry = (-int(job.get("priority") or 0), seq, job_id, gen)
+            heapq.heappush(self._ready_any, entry)
+            heapq.heappush(self._ready_by_type.setdefault(job.get("type"), []), entry)
+        self._pushes_since_compaction += 1
+        if self._pushes_since_compaction > COMPACTION_MIN_PUSHES + 2 * len(self.jobs):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop stale entries from every heap, in place.
+
+        A heap only sheds stale entries at its head, so the heap of a filter that no worker
+        uses (or the all-jobs heap, when every worker filters) would keep one entry per job
+        ever queued. Compacting after a number of pushes proportional to the live jobs
+        keeps the heaps proportional to the queue at an amortised constant cost per push.
+        """
+        self._pushes_since_compaction = 0
+        heaps: list[list[Any]] = [self._ready_any, self._delayed]
+        for type_, heap in list(self._ready_by_type.items()):
+            heap[:] = [e for e in heap if self._is_live(e[2], e[3])]
+            if heap:
+                heapq.heapify(heap)
+            else:
+                del self._ready_by_type[type_]
+        for heap in heaps:
+            heap[:] = [e for e in heap if self._is_live(e[2], e[3])]
+            heapq.heapify(heap)
 
     def _is_live(self, job_id: str, gen: int) -> bool:
         job = self.jobs.get(job_id)

@@ -588,3 +588,18 @@ def test_f14_typed_claim_does_not_touch_the_backlog_of_other_types(
     assert claimed_id(state, "w", None, T0) == "a0"
     assert claimed_id(state, "w", [], T0) == "a1"
     assert counter.ops <= 4
+
+
+def test_claimed_jobs_do_not_pile_up_in_the_heaps_of_filters_nobody_uses() -> None:
+    """Workers that never filter must not leave every job ever queued in the type heaps."""
+    state = QueueState()
+    for i in range(5_000):
+        submit(state, f"j{i}", type="A", now_ms=T0 + i)
+        assert claimed_id(state, "w", None, T0 + i) == f"j{i}"
+        state.complete(f"j{i}", "w", None)
+    for i in range(5_000):
+        submit(state, f"k{i}", type="B", now_ms=T0 + i)
+        assert claimed_id(state, "w", ["B"], T0 + i) == f"k{i}"
+        state.complete(f"k{i}", "w", None)
+    sizes = [len(state._ready_any)] + [len(h) for h in state._ready_by_type.values()]
+    assert sum(sizes) <= 2_000
