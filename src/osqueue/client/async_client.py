@@ -146,11 +146,13 @@ class AsyncOsqueueClient:
     """Talks to an osqueue broker from asyncio code.
 
     ``url`` defaults to ``BROKER_URL``, else ``http://localhost:8080``; ``token`` to
-    ``OSQUEUE_TOKEN``. ``transport`` is ``"rest"`` or any object implementing
-    :class:`~osqueue.client.transport.Transport`. With a ``registry`` payloads of registered
+    ``OSQUEUE_TOKEN``. ``transport`` is ``"rest"``, any object implementing
+    :class:`~osqueue.client.transport.Transport`, or a function that makes one for a broker
+    URL. With a ``registry`` payloads of registered
     types are validated before they are sent. Retryable failures are retried as described in
     :mod:`osqueue.client.retry`; after a connection failure or a leadership error the
-    ``discover`` hook may name another broker (only for a transport named by string).
+    ``discover`` hook may name another broker (not with a Transport object, which is bound
+    to its broker).
 
     Delivery is at least once: a claimed job can be handed out again when its worker loses
     the lease, so handlers should be safe to run twice.
@@ -161,7 +163,7 @@ class AsyncOsqueueClient:
         url: str | None = None,
         *,
         token: str | None = None,
-        transport: str | Transport = "rest",
+        transport: str | Transport | Callable[[str], Transport] = "rest",
         registry: JobRegistry | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retry: ClientRetry | None = None,
@@ -176,23 +178,28 @@ class AsyncOsqueueClient:
         self._rng = random.Random()
         self._closed = False
         self._factory = self._transport_factory(transport)
-        if self._factory is not None:
-            self._transport: Transport = self._factory(self.url)
-        elif isinstance(transport, Transport):
-            self._transport = transport
-        else:
-            raise TransportConfigError(
-                f"transport must be 'rest' or a Transport, not {transport!r}"
-            )
+        made = self._factory(self.url) if self._factory else transport
+        if not isinstance(made, Transport):
+            raise TransportConfigError(f"{made!r} does not implement Transport")
+        self._transport: Transport = made
         if discover is not None and self._factory is None:
             raise TransportConfigError(
-                "discover= needs a transport named by string (transport='rest'); "
-                "a transport object cannot be pointed at another broker"
+                "discover= needs a transport that can be pointed at another broker: "
+                "transport='rest' or a function of the URL, not a Transport object"
             )
 
-    def _transport_factory(self, transport: str | Transport) -> Callable[[str], Transport] | None:
-        if not isinstance(transport, str):
+    def _transport_factory(
+        self, transport: str | Transport | Callable[[str], Transport]
+    ) -> Callable[[str], Transport] | None:
+        if isinstance(transport, Transport):
             return None
+        if not isinstance(transport, str):
+            if callable(transport):
+                return transport
+            raise TransportConfigError(
+                f"transport must be 'rest', a Transport or a function of the broker URL, "
+                f"not {transport!r}"
+            )
         if transport == "rest":
             return lambda url: RestTransport(url, self._token, timeout_s=self._timeout_s)
         if transport in ("ws", "connect"):

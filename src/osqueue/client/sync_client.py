@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import Future
 from datetime import datetime
 from types import TracebackType
@@ -77,7 +77,7 @@ class OsqueueClient:
         url: str | None = None,
         *,
         token: str | None = None,
-        transport: str | Transport = "rest",
+        transport: str | Transport | Callable[[str], Transport] = "rest",
         registry: JobRegistry | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retry: ClientRetry | None = None,
