@@ -30,7 +30,7 @@ from osqueue.client import AsyncOsqueueClient, JobSpec
 from osqueue.engine import EngineConfig
 from osqueue.handlers import file_stats
 from osqueue.storage.base import Storage
-from osqueue.worker import Worker
+from osqueue.worker import JobContext, Worker
 
 __all__ = ["DemoSummary", "run_demo", "walk_files"]
 
@@ -147,8 +147,8 @@ async def run_demo(
                     retries += attempt > 1
                     progress.advance(task)
 
-                async def handle(job: Any) -> None:
-                    await asyncio.to_thread(record, job.job_id, job.payload, job.attempts)
+                async def handle(job: JobContext[Any]) -> None:
+                    await asyncio.to_thread(record, job.job_id, job.payload, job.attempt)
 
                 await _submit_all(client, files, progress)
                 worker = Worker(

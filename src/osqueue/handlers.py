@@ -1,6 +1,6 @@
 """Handlers that ship with osqueue, so a worker started from the CLI has work it can do.
 
-``echo`` logs the payload, ``sleep`` waits ``{"seconds": n}``, ``fail`` raises with
+Each takes the job's :class:`~osqueue.worker.JobContext`. ``echo`` logs the payload, ``sleep`` waits ``{"seconds": n}``, ``fail`` raises with
 ``{"message": ...}`` (to try retries and dead letters), and ``file-stats`` is the demo's
 job: size, line count, word count and SHA-256 of ``{"path": ...}``.
 """
@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from osqueue.worker import Handler, JobContext
 
 __all__ = ["BUILTIN_HANDLERS", "file_stats"]
 
@@ -21,17 +22,19 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
 
 
-def echo(payload: Any) -> Any:
-    log.info("echo: %r", payload)
-    return payload
+def echo(job: JobContext[Any]) -> Any:
+    log.info("echo: %r", job.payload)
+    return job.payload
 
 
-async def sleep(payload: Any) -> None:
+async def sleep(job: JobContext[Any]) -> None:
+    payload = job.payload
     seconds = float(payload.get("seconds", 1)) if isinstance(payload, dict) else float(payload)
     await asyncio.sleep(seconds)
 
 
-def fail(payload: Any) -> None:
+def fail(job: JobContext[Any]) -> None:
+    payload = job.payload
     message = payload.get("message") if isinstance(payload, dict) else None
     raise RuntimeError(message or "job asked to fail")
 
@@ -56,9 +59,13 @@ def file_stats(payload: Any) -> dict[str, Any]:
     return {"size": size, "lines": lines, "words": words, "sha256": digest.hexdigest()}
 
 
-BUILTIN_HANDLERS: dict[str, Callable[[Any], Any]] = {
+def file_stats_handler(job: JobContext[Any]) -> dict[str, Any]:
+    return file_stats(job.payload)
+
+
+BUILTIN_HANDLERS: dict[str, Handler] = {
     "echo": echo,
     "sleep": sleep,
     "fail": fail,
-    "file-stats": file_stats,
+    "file-stats": file_stats_handler,
 }
