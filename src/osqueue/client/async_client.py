@@ -146,7 +146,8 @@ class AsyncOsqueueClient:
     """Talks to an osqueue broker from asyncio code.
 
     ``url`` defaults to ``BROKER_URL``, else ``http://localhost:8080``; ``token`` to
-    ``OSQUEUE_TOKEN``. ``transport`` is ``"rest"``, any object implementing
+    ``OSQUEUE_TOKEN``. ``transport`` is ``"rest"``, ``"ws"``, ``"connect"`` or
+    ``"connect-json"`` (see ``docs/transports.md``), any object implementing
     :class:`~osqueue.client.transport.Transport`, or a function that makes one for a broker
     URL. With a ``registry`` payloads of registered
     types are validated before they are sent. Retryable failures are retried as described in
@@ -202,11 +203,20 @@ class AsyncOsqueueClient:
             )
         if transport == "rest":
             return lambda url: RestTransport(url, self._token, timeout_s=self._timeout_s)
-        if transport in ("ws", "connect"):
-            raise TransportConfigError(
-                f"the {transport!r} transport is not available yet; use transport='rest'"
-            )
-        raise TransportConfigError(f"unknown transport {transport!r}; use 'rest'")
+        if transport == "ws":
+            from osqueue.client.ws import WebSocketTransport
+
+            return lambda url: WebSocketTransport(url, self._token, timeout_s=self._timeout_s)
+        if transport in ("connect", "connect-json"):
+            try:
+                from osqueue.client.connect import ConnectTransport
+            except ImportError as exc:
+                raise TransportConfigError(str(exc)) from exc
+            codec: Literal["proto", "json"] = "json" if transport == "connect-json" else "proto"
+            return lambda url: ConnectTransport(url, codec, self._token, timeout_s=self._timeout_s)
+        raise TransportConfigError(
+            f"unknown transport {transport!r}; use 'rest', 'ws', 'connect' or 'connect-json'"
+        )
 
     def __repr__(self) -> str:
         return f"AsyncOsqueueClient({self.url!r})"

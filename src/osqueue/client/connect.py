@@ -1,0 +1,150 @@
+"""The Connect transport: each method is one unary RPC of ``osqueue.v1.QueueService``.
+
+Requests go as protobuf messages, in the binary codec (``codec="proto"``, the default) or
+the JSON one (``codec="json"``), over a kept-alive httpx connection. Payloads travel as the
+bytes of their JSON text. Needs the ``connect`` extra (``pip install 'osqueue[connect]'``)
+for the generated messages.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+
+import httpx
+
+from osqueue.client.rest import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
+    USER_AGENT,
+    normalize_base_url,
+)
+from osqueue.errors import (
+    BrokerProtocolError,
+    TransportConfigError,
+    TransportConnectionError,
+)
+from osqueue.model import decode_json
+
+try:
+    from osqueue import _connect_wire as wire
+except ImportError as exc:  # protobuf-py is missing
+    raise ImportError(
+        "the Connect transport needs the connect extra: pip install 'osqueue[connect]'"
+    ) from exc
+
+__all__ = ["Codec", "ConnectTransport"]
+
+Codec = Literal["proto", "json"]
+CODECS: Final = ("proto", "json")
+
+# Failures that happen before a request can have reached the broker.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+class ConnectTransport:
+    """Carries client calls as Connect unary RPCs (protocol section 7).
+
+    ``url`` is the broker's base URL (``http://host:port``). ``token`` is sent as
+    ``Authorization: Bearer <token>``. ``timeout_s`` bounds a whole call; a claim that waits
+    (``waitMs``) gets that wait on top. ``http_transport`` replaces httpx's network layer.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        codec: Codec = "proto",
+        token: str | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        max_connections: int = 100,
+        http_transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if codec not in CODECS:
+            raise TransportConfigError(f"Connect codec must be 'proto' or 'json', not {codec!r}")
+        self.base_url = normalize_base_url(url)
+        self.codec = codec
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        headers = {
+            "user-agent": USER_AGENT,
+            "content-type": f"application/{codec}",
+            "connect-protocol-version": "1",
+        }
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            limits=httpx.Limits(max_connections=max_connections),
+            transport=http_transport,
+        )
+
+    def __repr__(self) -> str:
+        return f"ConnectTransport({self.base_url!r}, codec={self.codec!r})"
+
+    async def call(self, method: str, params: dict[str, Any]) -> Any:
+        """Send one RPC; answer the REST-shaped result, ``{}`` where REST answers 204."""
+        rpc = wire.RPCS.get(method)
+        if rpc is None:
+            raise BrokerProtocolError(f"unknown method {method!r}", method=method)
+        request, refused = wire.encode_params(method, params)
+        try:
+            content = self._encode(request)
+        except (TypeError, ValueError) as exc:  # a value the message cannot hold
+            raise BrokerProtocolError(f"{method}: {exc}", method=method) from exc
+        wait_ms = params.get("waitMs") if method == "claimJob" else None
+        extra_s = wait_ms / 1000 if isinstance(wait_ms, int | float) and wait_ms > 0 else 0.0
+        total_s = self.timeout_s + extra_s
+        try:
+            response = await self._http.post(
+                rpc.path,
+                content=content,
+                timeout=httpx.Timeout(total_s, connect=min(self.connect_timeout_s, total_s)),
+            )
+        except httpx.UnsupportedProtocol as exc:
+            raise TransportConfigError(f"cannot reach {self.base_url}: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise TransportConnectionError(
+                f"POST {self.base_url}{rpc.path} failed: {type(exc).__name__}: {exc}",
+                method="POST",
+                path=rpc.path,
+                request_sent=not isinstance(exc, _NOT_SENT),
+            ) from exc
+        if response.status_code != 200:
+            raise self._error(response, rpc.path)
+        result = wire.decode_response(method, self._decode(response, rpc.response, rpc.path))
+        if refused:
+            result["results"] = wire.splice_batch(result["results"], refused)
+        return result
+
+    def _encode(self, message: Any) -> bytes:
+        if self.codec == "proto":
+            data: bytes = message.to_binary()
+            return data
+        return str(message.to_json()).encode()
+
+    def _decode(self, response: httpx.Response, cls: type[Any], path: str) -> Any:
+        content_type = response.headers.get("content-type", "").partition(";")[0].strip()
+        try:
+            if content_type == "application/proto":
+                return cls.from_binary(response.content)
+            if content_type == "application/json":
+                return cls.from_json(response.content)
+        except (TypeError, ValueError) as exc:
+            raise BrokerProtocolError(
+                f"{path} answered a message osqueue cannot read: {exc}"
+            ) from exc
+        raise BrokerProtocolError(f"{path} answered content type {content_type!r}, not a message")
+
+    @staticmethod
+    def _error(response: httpx.Response, path: str) -> Exception:
+        try:
+            body = decode_json(response.content) if response.content else None
+        except BrokerProtocolError:
+            body = None
+        return wire.error_from_connect(body, status=response.status_code, method="POST", path=path)
+
+    async def aclose(self) -> None:
+        """Close the kept-alive connections."""
+        await self._http.aclose()
