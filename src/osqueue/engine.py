@@ -121,7 +121,10 @@ class Engine:
         self.version: str | None = None
         self.committed_bytes: bytes = encode_state(empty_document())
         self.broker_id: str | None = None
-        self.leader = False
+        self._leading = asyncio.Event()
+        #: The leader's address as this broker last saw it in the store (its own while it
+        #: leads). A broker that does not lead names it in BrokerLeadershipError.
+        self.known_leader: str | None = None
         #: Called with the new leader's address when a conflict shows another broker leads.
         self.on_fenced: Callable[[str | None], Awaitable[None] | None] | None = None
         #: Called after each durable write (used by waiting claims and standby bookkeeping).
@@ -136,6 +139,18 @@ class Engine:
         self._last_write_start = 0.0
         self._last_write_end = 0.0
         self._stopping = False
+
+    @property
+    def leader(self) -> bool:
+        """Whether this engine leads: only then does it accept operations and write."""
+        return self._leading.is_set()
+
+    @leader.setter
+    def leader(self, value: bool) -> None:
+        if value:
+            self._leading.set()
+        else:
+            self._leading.clear()
 
     # -- state loading ------------------------------------------------------------------
 
@@ -199,7 +214,7 @@ class Engine:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        self._fail_batch(self._batch, BrokerLeadershipError("broker is shutting down"))
+        self._fail_batch(self._batch, self.not_leader_error("broker is shutting down"))
         self._batch = _Batch()
 
     # -- executing operations -----------------------------------------------------------
@@ -207,7 +222,7 @@ class Engine:
     async def execute(self, op: Operation[T]) -> T:
         """Apply ``op`` now and return its result once the state holding it is durable."""
         if not self.leader:
-            raise BrokerLeadershipError("this broker is not the leader", leader=self.state.broker)
+            raise self.not_leader_error()
         self.stats.operations += 1
         before = self.state.changes
         result = op(self.state, self.clock_ms())  # an error here changed nothing: raise it
@@ -220,6 +235,12 @@ class Engine:
             self._batch.changed = True
             self._wake.set()
         return await future
+
+    def not_leader_error(
+        self, message: str = "this broker is not the leader"
+    ) -> BrokerLeadershipError:
+        """The error a broker that does not lead answers with, naming the known leader."""
+        return BrokerLeadershipError(message, leader=self.known_leader)
 
     def _dirty(self) -> bool:
         return self._in_flight or self._batch.changed or self._force_write
@@ -236,7 +257,7 @@ class Engine:
             await self._wake.wait()
             self._wake.clear()
             if not self.leader:
-                self._fail_batch(self._batch, BrokerLeadershipError("not the leader"))
+                self._fail_batch(self._batch, self.not_leader_error())
                 self._batch = _Batch()
                 continue
             await self._pace()
@@ -364,6 +385,7 @@ class Engine:
 
     async def _fence(self, batch: _Batch, leader: str | None) -> None:
         self.leader = False
+        self.known_leader = leader
         error = BrokerLeadershipError(
             f"broker {leader} took over; this broker stepped down", leader=leader
         )
@@ -415,9 +437,12 @@ class Engine:
         timeout_ms = self.config.job_timeout_ms
         check_s = min(1.0, timeout_ms / 4000)
         while not self._stopping:
+            if not self.leader:
+                await self._leading.wait()
+                continue
             oldest = self.state.oldest_lease_heartbeat_ms()
             now = self.clock_ms()
-            if oldest is not None and oldest + timeout_ms <= now and self.leader:
+            if oldest is not None and oldest + timeout_ms <= now:
                 try:
                     await self.execute(self._expire)
                 except OsqueueError as exc:
@@ -445,8 +470,11 @@ class Engine:
         """Write at least every heartbeat interval so standbys see the leader alive."""
         interval_s = self.config.broker_heartbeat_interval_ms / 1000
         while not self._stopping:
+            if not self.leader:
+                await self._leading.wait()
+                continue
             since_s = time.monotonic() - max(self._last_write_start, self._last_write_end)
-            if since_s >= interval_s and self.leader:
+            if since_s >= interval_s:
                 self.request_write()
                 await asyncio.sleep(interval_s)
             else:
