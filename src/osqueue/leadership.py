@@ -2,16 +2,22 @@
 
 A broker becomes leader by writing its ``brokerId`` and address into the document with
 compare-and-swap. It may do so when the document names no broker, or when the named
-leader's ``brokerHeartbeat`` has stayed the same for ``heartbeat_timeout_ms`` on this
-process's own monotonic clock: wall clocks of different machines are never compared.
-Every takeover bumps ``epoch`` and resets the heartbeat of in-progress jobs, so workers get
-a full job timeout to reach the new leader. The compare-and-swap fences the old leader: its
-next write conflicts, it reads the document, sees another ``brokerId`` and steps down.
+leader's heartbeat (``brokerId``, ``epoch`` and ``brokerHeartbeat`` together) has stayed the
+same for ``heartbeat_timeout_ms`` on this process's own monotonic clock: wall clocks of
+different machines are never compared. Every takeover bumps ``epoch`` and resets the
+heartbeat of in-progress jobs, so workers get a full job timeout to reach the new leader.
+The compare-and-swap fences the old leader: its next write conflicts, it reads the
+document, sees another ``brokerId`` and steps down (see :mod:`osqueue.engine`).
+
+A broker that does not lead keeps watching: it reads the document every
+``poll_interval_ms`` and remembers what it saw in :attr:`Leadership.view`, which is also
+what it answers with (503 BrokerLeadershipError naming the leader) until it leads itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -19,11 +25,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from osqueue.engine import Engine
-from osqueue.errors import BrokerLeadershipError, CASConflictError
+from osqueue.errors import (
+    BrokerLeadershipError,
+    CASConflictError,
+    EngineStateError,
+    OsqueueError,
+    StorageBackendError,
+)
 from osqueue.model import encode_state
-from osqueue.storage.base import STATE_KEY
+from osqueue.storage.base import STATE_KEY, Versioned
 
-__all__ = ["Leadership", "LeadershipConfig", "new_broker_id"]
+__all__ = ["LeaderView", "Leadership", "LeadershipConfig", "new_broker_id"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +48,43 @@ def new_broker_id() -> str:
 class LeadershipConfig:
     heartbeat_timeout_ms: int = 10_000
     poll_interval_ms: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class LeaderView:
+    """The leader as a watching broker last read it from the store.
+
+    ``seen_at`` is this process's monotonic time when it first read this exact heartbeat;
+    the heartbeat counts as silent once it has stayed the same for the leader timeout.
+    """
+
+    address: str | None
+    broker_id: str | None
+    epoch: int
+    heartbeat_ms: int
+    seen_at: float
+
+    @classmethod
+    def of(cls, doc: dict[str, Any], seen_at: float) -> LeaderView:
+        return cls(
+            doc.get("broker"),
+            doc.get("brokerId"),
+            int(doc.get("epoch") or 0),
+            int(doc.get("brokerHeartbeat") or 0),
+            seen_at,
+        )
+
+    def same_heartbeat(self, other: LeaderView) -> bool:
+        return (self.address, self.broker_id, self.epoch, self.heartbeat_ms) == (
+            other.address,
+            other.broker_id,
+            other.epoch,
+            other.heartbeat_ms,
+        )
+
+    def silent_ms(self, now: float | None = None) -> int:
+        """How long this heartbeat has stayed unchanged, on this process's clock."""
+        return int(((time.monotonic() if now is None else now) - self.seen_at) * 1000)
 
 
 class Leadership:
@@ -53,48 +102,89 @@ class Leadership:
         self.config = config or LeadershipConfig()
         self.broker_id = broker_id or new_broker_id()
         engine.broker_id = self.broker_id
-        self.known_leader: str | None = None
-        self.takeover_ms: float | None = None
+        #: What the store said the last time this broker looked (None before the first look
+        #: and while it leads).
+        self.view: LeaderView | None = None
+        #: Wall-clock milliseconds of this broker's latest takeover write.
+        self.takeover_ms: int | None = None
+        self._stop_watching = asyncio.Event()
 
-    async def acquire(self, *, wait: bool) -> None:
-        """Become leader. Without ``wait``, refuse while another leader is alive."""
-        observed: tuple[Any, float] | None = None
-        while True:
-            doc, stored = await self.engine.read_document()
-            other = doc.get("brokerId")
-            if doc.get("broker") is None or other == self.broker_id:
-                if await self._take_over(doc, stored):
-                    return
-                continue
-            self.known_leader = doc.get("broker")
-            beat = doc.get("brokerHeartbeat")
-            now = time.monotonic()
-            if observed is None or observed[0] != beat:
-                if observed is not None and not wait:
-                    raise BrokerLeadershipError(
-                        f"broker {self.known_leader} ({other}) is leading and alive; "
-                        "start this one with --standby to wait for it",
-                        leader=self.known_leader,
-                    )
-                observed = (beat, now)
-            elif (now - observed[1]) * 1000 >= self.config.heartbeat_timeout_ms:
+    @property
+    def known_leader(self) -> str | None:
+        """The leader's address as far as this broker knows (its own while it leads)."""
+        return self.engine.known_leader
+
+    def stop_watching(self) -> None:
+        """Make :meth:`acquire` give up at its next step (the broker is shutting down)."""
+        self._stop_watching.set()
+
+    async def acquire(self, *, wait: bool) -> bool:
+        """Become leader; False when :meth:`stop_watching` ended the wait first.
+
+        With ``wait`` (a standby) this watches until the leader goes silent or away, riding
+        out store failures. Without it, it raises BrokerLeadershipError as soon as it sees
+        another leader's heartbeat move, and raises store failures.
+        """
+        poll_s = self.config.poll_interval_ms / 1000
+        while not self._stop_watching.is_set():
+            try:
+                doc, stored = await self.engine.read_document()
+                takeover = self._may_lead(doc, wait=wait)
+                if takeover is not None and await self._take_over(doc, stored, takeover=takeover):
+                    return True
+            except (StorageBackendError, EngineStateError) as exc:
+                if not wait:
+                    raise
                 log.warning(
-                    "leader %s silent for %d ms; taking over",
-                    self.known_leader,
-                    self.config.heartbeat_timeout_ms,
+                    "broker %s cannot check the leader: %s; trying again", self.broker_id, exc
                 )
-                if await self._take_over(doc, stored):
-                    return
-                observed = None
-                continue
-            await asyncio.sleep(self.config.poll_interval_ms / 1000)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_watching.wait(), poll_s)
+        return False
 
-    async def _take_over(self, doc: dict[str, Any], stored: Any) -> bool:
-        """Write this broker into the document. False if another writer got there first."""
+    def _may_lead(self, doc: dict[str, Any], *, wait: bool) -> bool | None:
+        """Whether to write this broker in: None to keep watching, else the ``takeover``
+        flag (False when the document already names this broker: its own write landed)."""
+        now = time.monotonic()
+        seen = LeaderView.of(doc, now)
+        previous = self.view
+        if previous is None or not previous.same_heartbeat(seen):
+            self.view = seen
+        else:
+            seen = previous
+        self.engine.known_leader = seen.address
+        if seen.address is None:
+            log.info("no broker leads; broker %s takes over", self.broker_id)
+            return True
+        if seen.broker_id == self.broker_id:
+            return False
+        if not wait and previous is not None and seen is not previous:
+            raise BrokerLeadershipError(
+                f"broker {seen.address} ({seen.broker_id}) is leading and alive; "
+                "start this one with --standby to wait for it",
+                leader=seen.address,
+            )
+        silent_ms = seen.silent_ms(now)
+        if silent_ms < self.config.heartbeat_timeout_ms:
+            return None
+        log.warning(
+            "leader %s (%s, epoch %d) silent for %d ms; broker %s takes over",
+            seen.address, seen.broker_id, seen.epoch, silent_ms, self.broker_id,
+        )  # fmt: skip
+        return True
+
+    async def _take_over(
+        self, doc: dict[str, Any], stored: Versioned | None, *, takeover: bool
+    ) -> bool:
+        """Write this broker into the document. False if another writer got there first.
+
+        A store failure propagates: the write may have landed, which the next read shows
+        (the document then names this broker, and the takeover is not counted twice).
+        """
         engine = self.engine
         engine.adopt(doc, stored)
         now_ms = engine.clock_ms()
-        engine.state.register(self.address, self.broker_id, now_ms, takeover=True)
+        engine.state.register(self.address, self.broker_id, now_ms, takeover=takeover)
         engine.state.commit_id = uuid.uuid4().hex
         data = encode_state(engine.state.to_document())
         try:
@@ -103,12 +193,13 @@ class Leadership:
             else:
                 version = await engine.storage.write(STATE_KEY, data, stored.version)
         except CASConflictError:
-            log.info("lost the race to lead; reading again")
+            log.info("broker %s lost the race to lead; reading again", self.broker_id)
             return False
         engine.version = version
         engine.committed_bytes = data
+        engine.known_leader = self.address
         engine.leader = True
-        self.known_leader = self.address
+        self.view = None
         self.takeover_ms = now_ms
         log.info(
             "broker %s leads at %s, epoch %d", self.broker_id, self.address, engine.state.epoch
@@ -123,7 +214,10 @@ class Leadership:
         await engine.flush()
         try:
             await engine.execute(lambda state, now_ms: state.resign())
-        except Exception as exc:  # a failed resignation only delays the standby
-            log.warning("could not clear the leader field: %s", exc)
+        except OsqueueError as exc:  # a failed resignation only delays the standby
+            log.warning("broker %s could not clear the leader field: %s", self.broker_id, exc)
+            engine.leader = False
+            return
         engine.leader = False
+        engine.known_leader = None
         log.info("broker %s stepped down cleanly", self.broker_id)
