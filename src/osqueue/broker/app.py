@@ -24,7 +24,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from osqueue.broker.validation import parse_body
 from osqueue.errors import (
     AuthenticationError,
-    BrokerLeadershipError,
     BrokerProtocolError,
     EngineStateError,
     OsqueueError,
@@ -122,9 +121,7 @@ def build_app(broker: Broker) -> Starlette:
 
     def leader_only() -> None:
         if not broker.engine.leader:
-            raise BrokerLeadershipError(
-                "this broker is a standby, not the leader", leader=broker.leader_address()
-            )
+            raise broker.not_leader_error()
 
     async def healthz(request: Request) -> Response:
         return json_response({"status": "ok", "leader": broker.engine.leader})

@@ -17,7 +17,7 @@ from starlette.routing import BaseRoute
 from osqueue.broker.app import build_app
 from osqueue.broker.service import QueueService
 from osqueue.engine import Engine, EngineConfig
-from osqueue.errors import ConfigError
+from osqueue.errors import BrokerLeadershipError, ConfigError
 from osqueue.leadership import Leadership, LeadershipConfig
 from osqueue.storage.base import Storage
 
@@ -90,19 +90,57 @@ class Broker:
         return routes
 
     def leader_address(self) -> str | None:
-        return self.leadership.known_leader if not self.engine.leader else self.address
+        """The leader's address: this broker's own while it leads, else the one it last
+        read from the store (None while no broker leads)."""
+        return self.engine.known_leader
 
     def describe(self) -> dict[str, Any]:
-        state = self.engine.state
-        return {
-            "leader": self.engine.leader,
+        """Who leads, in which epoch, and how old the leader's heartbeat is.
+
+        On the leader ``heartbeatAgeMs`` is the age of the last heartbeat it wrote; on a
+        broker that does not lead it is how long the heartbeat it reads from the store has
+        stayed unchanged on this broker's clock (what the takeover decision compares).
+        """
+        engine = self.engine
+        body: dict[str, Any] = {
+            "leader": engine.leader,
             "brokerId": self.broker_id,
             "address": self.address,
             "leaderAddress": self.leader_address(),
-            "epoch": state.epoch,
-            "brokerHeartbeat": state.broker_heartbeat,
-            "storage": self.storage.describe(),
         }
+        view = self.leadership.view
+        if engine.leader:
+            state = engine.state
+            body.update(
+                leaderBrokerId=state.broker_id,
+                epoch=state.epoch,
+                brokerHeartbeat=state.broker_heartbeat,
+                heartbeatAgeMs=max(0, engine.clock_ms() - state.broker_heartbeat),
+            )
+        elif view is None:  # it has not read the store yet
+            body.update(leaderBrokerId=None, epoch=None, brokerHeartbeat=None, heartbeatAgeMs=None)
+        else:
+            body.update(
+                leaderBrokerId=view.broker_id,
+                epoch=view.epoch,
+                brokerHeartbeat=view.heartbeat_ms,
+                heartbeatAgeMs=view.silent_ms(),
+            )
+        body.update(takeoverAt=self.leadership.takeover_ms, storage=self.storage.describe())
+        return body
+
+    def not_leader_error(self) -> BrokerLeadershipError:
+        """The 503 of a broker that does not lead: the leader's address in ``leader``, and
+        this broker's view of the leadership beside it."""
+        facts = self.describe()
+        return BrokerLeadershipError(
+            "this broker is a standby, not the leader; send requests to the leader",
+            leader=facts["leaderAddress"],
+            brokerId=self.broker_id,
+            leaderBrokerId=facts["leaderBrokerId"],
+            epoch=facts["epoch"],
+            heartbeatAgeMs=facts["heartbeatAgeMs"],
+        )
 
     def throttle_stats(self) -> dict[str, Any]:
         stats = getattr(self.storage, "stats", None)
@@ -115,26 +153,31 @@ class Broker:
         """Win leadership (or, as a standby, start watching for the chance to)."""
         self.engine.start()
         if self.config.standby:
-            self._watch = asyncio.create_task(self._acquire_forever(), name="osqueue-standby")
+            self._start_watching()
         else:
             await self.leadership.acquire(wait=False)
+
+    def _start_watching(self) -> None:
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.create_task(self._acquire_forever(), name="osqueue-standby")
 
     async def _acquire_forever(self) -> None:
         log.info("broker %s is standby; watching the leader", self.broker_id)
         await self.leadership.acquire(wait=True)
 
     async def _on_fenced(self, leader: str | None) -> None:
-        self.leadership.known_leader = leader
-        if self._watch is None or self._watch.done():
-            self._watch = asyncio.create_task(self._acquire_forever(), name="osqueue-standby")
+        log.warning("broker %s is standby again; %s leads", self.broker_id, leader)
+        self._start_watching()
 
     async def stop(self) -> None:
         """Flush, clear ``broker`` so a standby takes over at once, and close the store."""
+        self.leadership.stop_watching()
         if self._watch is not None:
-            self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
         await self.leadership.resign()
         await self.engine.stop()
+        if self._watch is not None:  # a fence during the flush may have started one
+            await asyncio.gather(self._watch, return_exceptions=True)
         await self.storage.close()
 
 
@@ -220,21 +263,29 @@ async def serve(
     server = _uvicorn(broker.app, config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        stop.set()
+        broker.leadership.stop_watching()  # a broker still waiting to lead gives up
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     try:
         await broker.start()
+        if stop.is_set():
+            return
         task = asyncio.create_task(server.serve(sockets=[sock]), name="osqueue-http")
         log.info(
             "broker %s serving on %s:%d as %s", broker.broker_id, config.host, port, broker.address
         )
         if on_ready is not None:
             on_ready(broker)
-        await asyncio.wait(
-            [task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
-        )
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
         log.info("broker %s shutting down", broker.broker_id)
-        # Stop taking requests first, then flush and clear the leader field.
+        # Stop taking requests first (requests in flight are answered), then flush and
+        # clear the leader field so that a standby takes over at once.
         server.should_exit = True
         await asyncio.gather(task, return_exceptions=True)
     finally:
