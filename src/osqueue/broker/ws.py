@@ -128,7 +128,11 @@ class _Connection:
                 "(MAX_BODY_BYTES)",
                 limitBytes=self.limit_bytes,
             )
-        frame = parse_body(raw)
+        try:
+            frame = parse_body(raw)
+        except BrokerProtocolError:
+            request.id = _peek_id(raw)  # valid JSON refused for its content keeps its id
+            raise
         if not isinstance(frame, dict):
             raise BrokerProtocolError(
                 'a request frame must be a JSON object {"id", "method", "params"}, '
