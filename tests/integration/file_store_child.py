@@ -20,12 +20,13 @@ from osqueue.storage import FileStorage
 
 
 def document(n: int) -> bytes:
-    """Document ``n``: self-checking, and large enough that a torn write would show."""
-    return json.dumps({"n": n, "pad": f"{n:08d}" * 4096, "check": n * 7919}).encode()
+    """Document ``n``: self-checking, and 1 MiB so that a write is long enough to be hit."""
+    return json.dumps({"n": n, "pad": f"{n:08d}" * 131_072, "check": n * 7919}).encode()
 
 
 async def race(directory: str, key: str, version: str, go_file: str, name: str) -> None:
     store = FileStorage(directory)
+    print("ready", flush=True)
     await asyncio.to_thread(_wait_for, go_file)
     try:
         await store.write(key, name.encode(), version)

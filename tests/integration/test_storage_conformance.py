@@ -186,3 +186,35 @@ async def test_f11_a_single_writer_never_conflicts(backend: Backend) -> None:
         version = await writer.write(KEY, str(i).encode(), version)
         read = await (other if i % 2 else store).read(KEY)
         assert read == Versioned(str(i).encode(), version)
+
+
+async def test_a_read_returns_the_version_of_its_own_bytes(backend: Backend) -> None:
+    """While one client writes, another reads: each (bytes, version) it gets is a pair
+    that a write produced, never the bytes of one write with the version of another."""
+    writer, reader = backend.storage, backend.another()
+    written = {await writer.create_if_not_exists(KEY, b"w-0"): b"w-0"}
+    version = next(iter(written))
+    done = asyncio.Event()
+
+    async def write_many() -> None:
+        nonlocal version
+        for i in range(1, 40):
+            data = f"w-{i}".encode()
+            version = await writer.write(KEY, data, version)
+            written[version] = data
+            await asyncio.sleep(0)  # let the reader in, even on the in-process store
+        done.set()
+
+    async def read_until_done() -> list[Versioned]:
+        reads = []
+        while not done.is_set():
+            read = await reader.read(KEY)
+            assert read is not None
+            reads.append(read)
+            await asyncio.sleep(0)
+        return reads
+
+    _, reads = await asyncio.gather(write_many(), read_until_done())
+
+    assert reads
+    assert [r for r in reads if written.get(r.version) != r.data] == []
