@@ -758,3 +758,24 @@ async def test_connect_json_wire_is_plain_connect_json(broker: BrokerHandle) -> 
     body = response.json()
     assert base64.b64decode(body["payload"]) == b'{"hello":"world"}'
     assert (body["type"], body["attempts"], body["maxAttempts"]) == ("t", 1, 2)
+
+
+async def test_connectrpc_generated_client_interoperates(broker: BrokerHandle) -> None:
+    """The official Connect client (connectrpc's generated stub) talks to the broker."""
+    from connectrpc.code import Code
+    from connectrpc.codec import proto_json_codec
+    from connectrpc.errors import ConnectError
+
+    from osqueue._proto.osqueue.v1.queue_connect import QueueServiceClient
+
+    for codec in (None, proto_json_codec()):
+        async with QueueServiceClient(broker.url, codec=codec) as client:
+            submitted = await client.submit_job(pb.SubmitJobRequest(payload=b"[1]", type="t"))
+            claimed = await client.claim_job(pb.ClaimJobRequest(worker_id="w", types=["t"]))
+            assert (claimed.job_id, claimed.payload) == (submitted.job_id, b"[1]")
+            with pytest.raises(ConnectError) as lost:
+                await client.heartbeat(pb.HeartbeatRequest(job_id="nope", worker_id="w"))
+            assert lost.value.code == Code.FAILED_PRECONDITION
+            detail = lost.value.details[0].value(pb.ErrorDetail)
+            assert detail is not None and detail.tag == "LeaseLostError"
+            await client.complete_job(pb.CompleteJobRequest(job_id=claimed.job_id, worker_id="w"))
