@@ -17,7 +17,8 @@ engine re-reads the document: if its own write landed (the reply was lost, recog
 fails the batch with BrokerLeadershipError; otherwise it rebuilds the state from what it read
 and replays the batch's operations on it before writing again. Storage errors are retried
 with jittered backoff until ``retry_deadline_ms``, then the batch fails with
-StorageBackendError and the state is reloaded before the next write.
+StorageBackendError and the state is reloaded before the next write; operations that arrive
+in between are applied to the reloaded state only, never to what the failed batch left.
 """
 
 from __future__ import annotations
@@ -148,6 +149,10 @@ class Engine:
     @leader.setter
     def leader(self, value: bool) -> None:
         if value:
+            if not self._leading.is_set():
+                # Leadership is won by a write made just now: pace from it, and let the
+                # leader heartbeat count it, instead of writing again at once.
+                self._last_write_start = self._last_write_end = time.monotonic()
             self._leading.set()
         else:
             self._leading.clear()
@@ -224,6 +229,9 @@ class Engine:
         if not self.leader:
             raise self.not_leader_error()
         self.stats.operations += 1
+        if self._need_reload:
+            # The live state may still show a failed batch's effects: the reload applies op.
+            return await self._enqueue(op)
         before = self.state.changes
         result = op(self.state, self.clock_ms())  # an error here changed nothing: raise it
         changed = self.state.changes != before
@@ -234,6 +242,12 @@ class Engine:
         if changed:
             self._batch.changed = True
             self._wake.set()
+        return await future
+
+    async def _enqueue(self, op: Operation[T]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._batch.entries.append(_Pending(op, future))
+        self._wake.set()
         return await future
 
     def not_leader_error(
@@ -260,16 +274,13 @@ class Engine:
                 self._fail_batch(self._batch, self.not_leader_error())
                 self._batch = _Batch()
                 continue
-            await self._pace()
+            if self._batch.changed or self._force_write or self._need_reload:
+                await self._pace()  # everything that arrives inside the gap joins this write
             batch, self._batch = self._batch, _Batch()
-            if not batch.changed and not self._force_write and not self._need_reload:
-                self.stats.batches_without_write += len(batch.entries) > 0
-                self._resolve(batch)
-                continue
-            self._force_write = False
+            force, self._force_write = self._force_write, False
             self._in_flight = True
             try:
-                await self._commit(batch)
+                await self._settle(batch, force=force)
             except Exception as exc:  # never let the loop die: fail the batch, reload later
                 log.exception("commit failed unexpectedly")
                 self._need_reload = True
@@ -285,15 +296,31 @@ class Engine:
         if wait_s > 0:
             await asyncio.sleep(wait_s)
 
+    async def _settle(self, batch: _Batch, *, force: bool) -> None:
+        """Write the batch if it changed anything, else answer it without a write.
+
+        After a failed batch the live state is first rebuilt from the store and the batch
+        replayed on it, so nothing a failed write carried is acknowledged later.
+        """
+        changed = batch.changed
+        if self._need_reload:
+            if not await self._reload_and_replay(batch):
+                return
+            changed = self.state.changes > 0
+        if not changed and not force:
+            self.stats.batches_without_write += len(batch.entries) > 0
+            self._resolve(batch)
+            return
+        await self._commit(batch)
+
     async def _commit(self, batch: _Batch) -> None:
         if len(batch.entries) > self.stats.largest_batch:
             self.stats.largest_batch = len(batch.entries)
-        if self._need_reload and not await self._reload_and_replay(batch):
-            return
         attempted: set[str] = set()
         deadline = time.monotonic() + self.config.retry_deadline_ms / 1000
         attempt = 0
         while True:
+            await self._pace()  # a retry after a conflict is a write like any other
             data = self._encode_for_write(attempted)
             self._last_write_start = time.monotonic()
             try:
