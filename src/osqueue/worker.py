@@ -175,8 +175,12 @@ async def _run_in_daemon_thread(func: Callable[[Any], Any], arg: Any) -> Any:
     context = contextvars.copy_context()
 
     def settle(ok: bool, value: Any) -> None:
-        if not future.done():
-            future.set_result(value) if ok else future.set_exception(value)
+        if future.done():  # the worker stopped waiting (lease lost, shutdown)
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
     def target() -> None:
         try:
@@ -395,7 +399,9 @@ class Worker:
             return
         handler = self.handlers.get(run.ctx.type or "", self.handlers.get(ANY_TYPE))
         if handler is None:
-            missing = WorkerExecutionError(f"worker {self.worker_id} has no handler for it")
+            missing = WorkerExecutionError(
+                f"worker {self.worker_id} has no handler for job type {run.ctx.type!r}"
+            )
             await self._report_failure(run.ctx, missing)
             return
         ending, value = await self._run_with_heartbeats(run, handler)

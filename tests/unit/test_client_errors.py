@@ -435,6 +435,8 @@ async def test_transport_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -
         AsyncOsqueueClient(transport="carrier-pigeon")
     with pytest.raises(TransportConfigError, match="BROKER_URL"):
         AsyncOsqueueClient("ftp://x")
+    with pytest.raises(TransportConfigError, match="does not implement Transport"):
+        AsyncOsqueueClient(transport=lambda url: object())  # type: ignore[arg-type,return-value]
     with pytest.raises(TransportConfigError, match="discover="):
         AsyncOsqueueClient(transport=MockBroker().transport(), discover=follow_leader_hint)
 
