@@ -11,10 +11,9 @@ import random
 import sys
 from pathlib import Path
 
-from file_store_child import document
-
 from osqueue.storage import FileStorage
 from osqueue.storage.file import VERSIONS_DIR
+from tests.integration.file_store_child import document
 
 CHILD = Path(__file__).with_name("file_store_child.py")
 KEY = "queue.json"
