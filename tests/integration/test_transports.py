@@ -31,6 +31,7 @@ from osqueue.client.ws import WebSocketTransport
 from osqueue.engine import EngineConfig
 from osqueue.errors import (
     AuthenticationError,
+    BrokerLeadershipError,
     BrokerProtocolError,
     JobNotFoundError,
     LeaseLostError,
@@ -304,6 +305,31 @@ async def test_wrong_token_is_an_authentication_error(transport_name: str) -> No
             assert (await allowed.call("getStats", {}))["total"] == 0
         finally:
             await allowed.aclose()
+
+
+async def test_standby_refuses_with_the_leaders_address(transport_name: str) -> None:
+    store = MemoryStorage()
+    leading = config()
+    standby_config = BrokerConfig(
+        host="127.0.0.1", port=0, standby=True, engine=leading.engine, heartbeat_timeout_ms=60_000
+    )
+    async with (
+        run_broker_in_background(store, leading) as leader,
+        run_broker_in_background(store, standby_config) as standby,
+    ):
+
+        async def standby_knows_the_leader() -> bool:
+            return standby.broker.leader_address() == leader.broker.address
+
+        await eventually(standby_knows_the_leader, "the standby to read the leader")
+        made = make_transport(transport_name, standby.url)
+        try:
+            for method, params in [("getStats", {}), ("submitJob", {"payload": 1})]:
+                with pytest.raises(BrokerLeadershipError) as refused:
+                    await made.call(method, params)
+                assert refused.value.fields["leader"] == leader.broker.address, method
+        finally:
+            await made.aclose()
 
 
 # -- F04: a late complete after the lease expired ------------------------------------------

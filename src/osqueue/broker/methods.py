@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from osqueue.errors import BrokerLeadershipError, BrokerProtocolError
+from osqueue.errors import BrokerProtocolError
 
 if TYPE_CHECKING:
     from osqueue.broker.server import Broker
@@ -23,11 +23,9 @@ Method = Callable[["Broker", dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 def _leader_only(broker: Broker) -> None:
-    """Reads answer from memory, so a standby must refuse them itself (as REST does)."""
+    """Reads answer from memory, so a standby must refuse them itself, as REST does."""
     if not broker.engine.leader:
-        raise BrokerLeadershipError(
-            "this broker is a standby, not the leader", leader=broker.leader_address()
-        )
+        raise broker.not_leader_error()
 
 
 async def _submit(broker: Broker, params: dict[str, Any]) -> dict[str, Any]:
