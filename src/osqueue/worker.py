@@ -523,6 +523,8 @@ class Worker:
         await self._hook(self.on_failure, ctx, error)
 
     async def _give_back(self, ctx: JobContext[Any]) -> None:
+        # NOTE: the protocol has no "release" that leaves the attempt uncounted, so a job
+        # given back on its last attempt goes to dead (reason "exhausted").
         text = f"worker {self.worker_id} stopped before the job finished"
         log.info("gave back job %s after %.3fs: worker stopping", ctx.job_id, ctx.elapsed_s())
         await self._send_fail(ctx, text, retry_delay_ms=0)
