@@ -105,8 +105,10 @@ async def rest(broker: BrokerHandle) -> AsyncIterator[RestTransport]:
         await made.aclose()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
+async def eventually(
+    check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = WAIT_S
+) -> None:
+    deadline = time.monotonic() + timeout_s
     while not await check():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
@@ -604,7 +606,7 @@ async def test_ws_close_in_the_middle_of_a_claim(broker: BrokerHandle, rest: Res
     url = broker.url.replace("http", "ws") + "/v1/ws"
     async with ws_connect(url) as socket:
         await socket.send(
-            '{"id": 1, "method": "claimJob", "params": {"workerId": "gone", "waitMs": 5000}}'
+            '{"id": 1, "method": "claimJob", "params": {"workerId": "gone", "waitMs": 60000}}'
         )
 
         async def claim_waiting() -> bool:
@@ -615,7 +617,8 @@ async def test_ws_close_in_the_middle_of_a_claim(broker: BrokerHandle, rest: Res
     async def no_requests_left() -> bool:
         return not ws_request_tasks()
 
-    await eventually(no_requests_left, "the abandoned claim to be cancelled")
+    # Well before the claim's own 60 s wait could end.
+    await eventually(no_requests_left, "the abandoned claim to be cancelled", timeout_s=2.0)
     job_id = (await rest.call("submitJob", {"payload": "after"}))["jobId"]
     claimed = await rest.call("claimJob", {"workerId": "alive"})
     assert (claimed["jobId"], claimed["attempts"]) == (job_id, 1)
