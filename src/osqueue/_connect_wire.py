@@ -199,18 +199,14 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, list) else value
 
 
-def _payload_text(value: Any) -> bytes:
-    return encode_json(value)
-
-
-def _parse_payload(raw: bytes, what: str = "payload") -> Any:
+def _parse_payload(raw: bytes) -> Any:
     # Imported here: the client side of this module must not need the broker package.
     from osqueue.broker.validation import parse_body
 
     try:
         return parse_body(raw)
     except BrokerProtocolError as exc:
-        raise BrokerProtocolError(f"{what}: {exc.message}") from exc
+        raise BrokerProtocolError(f"payload: {exc.message}") from exc
 
 
 # -- client: REST body -> request message --------------------------------------------------
@@ -226,7 +222,7 @@ def _submit_request(body: Any) -> Any:
     body = _params(body)
     request = _to_message(pb.SubmitJobRequest, _REQUEST_FIELDS["submitJob"], body)
     if "payload" in body:
-        request.payload = _payload_text(body["payload"])
+        request.payload = encode_json(body["payload"])
     return request
 
 
@@ -315,7 +311,7 @@ def _job_info(job: dict[str, Any]) -> Any:
         else:
             extra[field.rest] = value
     extra.update((k, v) for k, v in job.items() if k not in _JOB_KNOWN)
-    info = pb.JobInfo(payload=_payload_text(job.get("payload")), **kwargs)
+    info = pb.JobInfo(payload=encode_json(job.get("payload")), **kwargs)
     if extra:
         info.extra = encode_json(extra)
     return info
@@ -352,7 +348,7 @@ def _encode_claim(result: dict[str, Any]) -> Any:
         return pb.ClaimJobResponse()
     return pb.ClaimJobResponse(
         job_id=result["jobId"],
-        payload=_payload_text(result.get("payload")),
+        payload=encode_json(result.get("payload")),
         type=result.get("type") or "",
         attempts=_clamp(result.get("attempts", 0), "i32"),
         max_attempts=_clamp(result.get("maxAttempts", 0), "i32"),
