@@ -16,7 +16,11 @@ What an implementation must guarantee:
 * **opaque versions**: the version is returned to the backend byte for byte as it was
   received (an S3 ETag keeps its quotes);
 * **typed failures**: anything that is not a conflict is raised as
-  :class:`~osqueue.errors.StorageBackendError`; callers retry those with backoff.
+  :class:`~osqueue.errors.StorageBackendError`; callers retry those with backoff;
+* **known and unknown outcomes**: a CASConflictError means the call stored nothing. A
+  StorageBackendError from ``write`` or ``create_if_not_exists`` means the outcome is unknown
+  (the request may have landed and its reply been lost): re-read, and recognise your own
+  write by its content (osqueue's ``commitId``), before writing again.
 """
 
 from __future__ import annotations

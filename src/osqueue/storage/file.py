@@ -113,7 +113,7 @@ class _KeyPaths:
 
     def __init__(self, directory: Path, key: str) -> None:
         segments = key.split("/")
-        if not key or any(s in ("", ".", "..") or s.startswith(".") for s in segments):
+        if any(not s or s.startswith(".") for s in segments):
             raise ValueError(f"invalid storage key {key!r} for the file store")
         self.link = directory.joinpath(*segments)
         self.name = segments[-1]

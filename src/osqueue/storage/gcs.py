@@ -281,13 +281,13 @@ def _gcs_errors() -> tuple[type[BaseException], ...]:
     """The exception types a GCS call can raise for reasons outside this program."""
     import requests
     from google.api_core.exceptions import GoogleAPICallError
-    from google.auth.exceptions import TransportError
+    from google.auth.exceptions import GoogleAuthError
     from google.cloud.storage.exceptions import DataCorruption
 
     return (
         _UploadFailed,
         GoogleAPICallError,
-        TransportError,
+        GoogleAuthError,  # transport failures and token refresh failures
         DataCorruption,
         requests.exceptions.RequestException,
         OSError,
