@@ -4,7 +4,9 @@ which field is wrong and why. Shared by REST, WebSocket and Connect."""
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -15,7 +17,9 @@ from osqueue.state import DEFAULT_MAX_ATTEMPTS, SubmitSpec
 
 __all__ = [
     "MAX_ATTEMPTS_LIMIT",
+    "MAX_JSON_DEPTH",
     "MAX_TYPE_LENGTH",
+    "Unrepresentable",
     "parse_body",
     "parse_claim",
     "parse_fail",
@@ -30,51 +34,156 @@ MAX_TYPES = 100
 MAX_WAIT_MS = 60_000
 MAX_DELAY_MS = 366 * 24 * 3600 * 1000
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
+#: orjson encodes at most 254 levels and the state document puts a few around each payload.
+MAX_JSON_DEPTH = 200
 _LONG_DIGITS = re.compile(rb"\d{19,}")
 
 
-def _reject_constant(name: str) -> Any:
-    raise BrokerProtocolError(f"{name} is not valid JSON; send a number or a string")
+class Unrepresentable:
+    """Stands in, in a leniently parsed body, for a value the state could not hold."""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
 
 
-def _big_int_path(value: Any, path: str = "$") -> str | None:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return None if INT64_MIN <= value <= UINT64_MAX else path
+class _TaintedDict(dict[str, Any]):
+    """An object that holds an :class:`Unrepresentable` somewhere inside."""
+
+
+class _TaintedList(list[Any]):
+    """An array that holds an :class:`Unrepresentable` somewhere inside."""
+
+
+def _nodes(value: Any) -> Iterator[tuple[str, int, Any]]:
+    """Every value inside ``value`` with its JSON path and nesting depth, without recursion."""
+    stack: list[tuple[str, int, Any]] = [("$", 0, value)]
+    while stack:
+        path, depth, node = stack.pop()
+        yield path, depth, node
+        if isinstance(node, dict):
+            stack.extend((f"{path}.{k}", depth + 1, v) for k, v in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend((f"{path}[{i}]", depth + 1, v) for i, v in reversed(list(enumerate(node))))
+
+
+def _is_big_int(value: Any) -> bool:
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and not INT64_MIN <= value <= UINT64_MAX
+    )
+
+
+def _check_depth(raw: bytes, value: Any) -> None:
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return  # cannot nest deeper than it has brackets
+    for path, depth, node in _nodes(value):
+        if depth >= MAX_JSON_DEPTH and isinstance(node, dict | list):
+            raise BrokerProtocolError(
+                f"request body nests deeper than {MAX_JSON_DEPTH} levels at {path[:80]}..."
+            )
+
+
+def _float_or_mark(text: str) -> float | Unrepresentable:
+    value = float(text)
+    if math.isfinite(value):
+        return value
+    return Unrepresentable(f"{text}, which overflows to infinity; send a smaller number")
+
+
+def _constant(name: str) -> Unrepresentable:
+    return Unrepresentable(f"{name}, which JSON cannot carry; send a number or a string")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _taint(value: Any) -> tuple[Any, bool]:
+    """Replace what the state cannot hold by :class:`Unrepresentable` and mark the
+    containers above it, so that each part of the body can be judged on its own."""
+    if isinstance(value, Unrepresentable):
+        return value, True
+    if isinstance(value, str):
+        return (
+            (value, False)
+            if _utf8(value)
+            else (Unrepresentable("text that is not valid UTF-8"), True)
+        )
+    if _is_big_int(value):
+        return Unrepresentable("an integer beyond 64 bits; send it as a string"), True
     if isinstance(value, dict):
-        for k, v in value.items():
-            hit = _big_int_path(v, f"{path}.{k}")
-            if hit:
-                return hit
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            hit = _big_int_path(v, f"{path}[{i}]")
-            if hit:
-                return hit
-    return None
+        items = [(k, *_taint(v)) for k, v in value.items()]
+        tainted = any(t for _, _, t in items) or not all(_utf8(k) for k in value)
+        pairs = {k if _utf8(k) else ascii(k): v for k, v, _ in items}
+        return (_TaintedDict(pairs) if tainted else pairs), tainted
+    if isinstance(value, list):
+        marked = [_taint(v) for v in value]
+        tainted = any(t for _, t in marked)
+        values = [v for v, _ in marked]
+        return (_TaintedList(values) if tainted else values), tainted
+    return value, False
 
 
-def parse_body(raw: bytes) -> Any:
+def _first_unrepresentable(value: Any) -> str:
+    for path, _depth, node in _nodes(value):
+        if isinstance(node, Unrepresentable):
+            return f"{path} is {node.what}"
+        if isinstance(node, _TaintedDict) and not all(_utf8(k) for k in node):
+            return f"{path} has a key that is not UTF-8"
+    return "$ holds a value JSON cannot carry"
+
+
+def parse_body(raw: bytes, *, lenient: bool = False) -> Any:
     """Decode a request body strictly.
 
     orjson refuses NaN, Infinity, overflowing numbers and invalid UTF-8, but it silently
     turns integers beyond 64 bits into floats; such a body is refused instead, naming the
-    field, because the payload would not come back as it was sent.
+    field, because the payload would not come back as it was sent. Bodies nested deeper
+    than ``MAX_JSON_DEPTH`` are refused too: the state document could not be encoded.
+
+    With ``lenient`` (a batch, whose parts are answered one by one) a body that is JSON
+    apart from such values is accepted; each value is replaced by an
+    :class:`Unrepresentable`, and :func:`parse_submit` refuses the parts that hold one.
     """
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise BrokerProtocolError(f"request body is not valid JSON: {exc}") from exc
+        if not lenient:
+            raise BrokerProtocolError(f"request body is not valid JSON: {exc}") from exc
+        return _parse_leniently(raw, exc)
+    _check_depth(raw, value)
     if _LONG_DIGITS.search(raw):
-        exact = json.loads(raw, parse_constant=_reject_constant)
-        path = _big_int_path(exact)
-        if path is not None:
-            raise BrokerProtocolError(
-                f"integer at {path} does not fit in 64 bits; send it as a string"
-            )
+        exact = json.loads(raw)
+        if lenient:
+            return _taint(exact)[0]
+        for path, _depth, node in _nodes(exact):
+            if _is_big_int(node):
+                raise BrokerProtocolError(
+                    f"integer at {path} does not fit in 64 bits; send it as a string"
+                )
     return value
 
 
+def _parse_leniently(raw: bytes, strict_error: orjson.JSONDecodeError) -> Any:
+    try:
+        text = raw.decode("utf-8", errors="surrogateescape")
+        value = json.loads(text, parse_constant=_constant, parse_float=_float_or_mark)
+    except (ValueError, RecursionError):
+        raise BrokerProtocolError(f"request body is not valid JSON: {strict_error}") from None
+    _check_depth(raw, value)
+    return _taint(value)[0]
+
+
 def _object(body: Any, what: str) -> dict[str, Any]:
+    if isinstance(body, _TaintedDict):
+        raise BrokerProtocolError(f"{what} body refused: {_first_unrepresentable(body)}")
     if not isinstance(body, dict):
         raise BrokerProtocolError(f"{what} body must be a JSON object, got {type(body).__name__}")
     return body
