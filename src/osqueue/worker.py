@@ -77,6 +77,8 @@ DEFAULT_SHUTDOWN_GRACE_S: Final = 30.0
 DEFAULT_GIVE_BACK_TIMEOUT_S: Final = 5.0
 #: Handler keys: the job type, or this one for every other type (untyped jobs included).
 ANY_TYPE: Final = "*"
+#: At most this many claims of one worker are in flight at once.
+MAX_PARALLEL_CLAIMS: Final = 16
 #: Error texts sent to the broker are cut to this many characters (they live in the state).
 MAX_ERROR_CHARS: Final = 2000
 
@@ -249,6 +251,8 @@ class Worker:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._slot_freed = asyncio.Event()
+        self._work_seen = asyncio.Event()
+        self._claiming = 0
         self._stopped = asyncio.Event()
         self._started = False
         self._rng = random.Random()
@@ -334,21 +338,57 @@ class Worker:
     # -- step 1: claim ------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
+        """Claim with several requests in flight, so free slots fill at the broker's pace.
+
+        Each claim waits for a commit, so one claim at a time would cap a worker at one job
+        per commit interval. Claimer 0 always polls; the others park while the queue looks
+        empty (``_work_seen`` cleared) so an idle worker sends one poll at a time.
+        """
+        count = min(self.concurrency, MAX_PARALLEL_CLAIMS)
+        claimers = [
+            asyncio.create_task(self._claimer(i), name=f"osqueue-claimer-{i}") for i in range(count)
+        ]
+        try:
+            await asyncio.gather(*claimers)
+        finally:
+            for claimer in claimers:
+                claimer.cancel()
+            await asyncio.gather(*claimers, return_exceptions=True)
+
+    async def _claimer(self, index: int) -> None:
         idle_polls = 0
         while not self._stop.is_set():
+            if index > 0:
+                await self._wait_for_work_seen()
             await self._wait_for_slot()
             if self._stop.is_set():
                 return
-            job = await self._claim()
+            self._claiming += 1
+            try:
+                job = await self._claim()
+            finally:
+                self._claiming -= 1
             if job is None:
+                self._work_seen.clear()
+                if index > 0:
+                    continue
                 idle_polls += 1
                 await self._idle_wait(idle_polls)
                 continue
             idle_polls = 0
+            self._work_seen.set()
             self._start(job)
 
+    async def _wait_for_work_seen(self) -> None:
+        while not self._work_seen.is_set() and not self._stop.is_set():
+            stop = asyncio.ensure_future(self._stop.wait())
+            seen = asyncio.ensure_future(self._work_seen.wait())
+            await asyncio.wait((stop, seen), return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            seen.cancel()
+
     async def _wait_for_slot(self) -> None:
-        while len(self._runs) >= self.concurrency and not self._stop.is_set():
+        while len(self._runs) + self._claiming >= self.concurrency and not self._stop.is_set():
             self._slot_freed.clear()
             await self._slot_freed.wait()
 
