@@ -42,6 +42,8 @@ __all__ = [
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_DEAD_LIMIT = 1000
 DEFAULT_IDEMPOTENCY_RETENTION_MS = 24 * 3600 * 1000
+#: Idempotency keys remembered at most, whatever the retention: the oldest go first.
+MAX_IDEMPOTENCY_KEYS = 100_000
 RETRY_BASE_MS = 1000
 RETRY_CAP_MS = 5 * 60 * 1000
 #: Heap entries pushed (beyond twice the live jobs) before stale entries are swept out.
@@ -291,6 +293,7 @@ class QueueState:
         """Append a job, or return the existing one for a known idempotency key."""
         key = spec.idempotency_key
         if key is not None:
+            self._expire_keys(now_ms)
             known = self.idempotency.get(key)
             if known is not None and known[1] > now_ms:
                 return SubmitResult(str(known[0]), duplicate=True)
@@ -470,6 +473,20 @@ class QueueState:
         self.dead.clear()
         self.changes += purged
         return purged
+
+    def _expire_keys(self, now_ms: int) -> None:
+        """Forget keys past retention, oldest first, and keep at most MAX_IDEMPOTENCY_KEYS.
+
+        Keys are stored in the order they were given, and the retention is the same for
+        all, so the expired ones are at the front: this costs only what it removes.
+        """
+        keys = self.idempotency
+        while keys:
+            oldest = next(iter(keys))
+            if keys[oldest][1] > now_ms and len(keys) < MAX_IDEMPOTENCY_KEYS:
+                return
+            del keys[oldest]
+            self.changes += 1
 
     def prune_idempotency(self, now_ms: int) -> int:
         """Drop idempotency keys past their retention window."""
