@@ -73,6 +73,8 @@ P = TypeVar("P")
 DEFAULT_HEARTBEAT_INTERVAL_S: Final = 10.0
 DEFAULT_POLL_MIN_S: Final = 0.05
 DEFAULT_POLL_MAX_S: Final = 2.0
+#: How long an idle worker's claim waits at the broker for a job (0: plain polling).
+DEFAULT_CLAIM_WAIT_MS: Final = 5_000
 DEFAULT_SHUTDOWN_GRACE_S: Final = 30.0
 DEFAULT_GIVE_BACK_TIMEOUT_S: Final = 5.0
 #: Handler keys: the job type, or this one for every other type (untyped jobs included).
@@ -221,6 +223,7 @@ class Worker:
         heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
         poll_min_s: float = DEFAULT_POLL_MIN_S,
         poll_max_s: float = DEFAULT_POLL_MAX_S,
+        claim_wait_ms: int = DEFAULT_CLAIM_WAIT_MS,
         shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S,
         give_back_timeout_s: float = DEFAULT_GIVE_BACK_TIMEOUT_S,
         on_claim: ClaimHook | None = None,
@@ -241,6 +244,7 @@ class Worker:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.poll_min_s = poll_min_s
         self.poll_max_s = poll_max_s
+        self.claim_wait_ms = claim_wait_ms
         self.shutdown_grace_s = shutdown_grace_s
         self.give_back_timeout_s = give_back_timeout_s
         self.on_claim = on_claim
@@ -348,9 +352,16 @@ class Worker:
         claimers = [
             asyncio.create_task(self._claimer(i), name=f"osqueue-claimer-{i}") for i in range(count)
         ]
+        stopping = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.gather(*claimers)
+            # On stop, abandon claims still waiting at the broker: it releases a waiting
+            # claim when its client goes away, so nothing is claimed after the stop.
+            await asyncio.wait([*claimers, stopping], return_when=asyncio.FIRST_COMPLETED)
+            for claimer in claimers:
+                if claimer.done() and not claimer.cancelled():
+                    claimer.result()  # a claimer that crashed re-raises here
         finally:
+            stopping.cancel()
             for claimer in claimers:
                 claimer.cancel()
             await asyncio.gather(*claimers, return_exceptions=True)
@@ -364,8 +375,11 @@ class Worker:
             if self._stop.is_set():
                 return
             self._claiming += 1
+            asked_s = time.monotonic()
             try:
-                job = await self._claim()
+                # An idle claimer 0 waits at the broker instead of sleeping between polls:
+                # it hears of a new or newly due job as soon as it is committed.
+                job = await self._claim(self.claim_wait_ms if index == 0 and idle_polls else 0)
             finally:
                 self._claiming -= 1
             if job is None:
@@ -373,7 +387,9 @@ class Worker:
                 if index > 0:
                     continue
                 idle_polls += 1
-                await self._idle_wait(idle_polls)
+                waited_s = time.monotonic() - asked_s
+                if waited_s < self.claim_wait_ms / 2000:  # answered at once: back off
+                    await self._idle_wait(idle_polls)
                 continue
             idle_polls = 0
             self._work_seen.set()
@@ -392,9 +408,9 @@ class Worker:
             self._slot_freed.clear()
             await self._slot_freed.wait()
 
-    async def _claim(self) -> ClaimedJob | None:
+    async def _claim(self, wait_ms: int = 0) -> ClaimedJob | None:
         try:
-            return await self.client.claim(self.worker_id, self.types)
+            return await self.client.claim(self.worker_id, self.types, wait_ms=wait_ms)
         except OsqueueError as exc:
             level = logging.WARNING if exc.retryable else logging.ERROR
             log.log(level, "worker %s could not claim: %r", self.worker_id, exc)

@@ -74,9 +74,11 @@ def test_worker_sigterm_stops_claiming_and_gives_the_job_back(procs: Processes) 
     procs.run("submit", '{"seconds": 30}', "--type", "sleep", "--url", url)
     worker = procs.start("worker", "--url", url, "--shutdown-grace-s", "5")
     wait_for(lambda: httpx.get(f"{url}/v1/stats").json()["inProgress"] == 1, 20, "the claim")
-    procs.run("submit", '{"msg": "after"}', "--type", "echo", "--url", url)
     sent = time.monotonic()
     worker.send_signal(signal.SIGTERM)
+    # submitted after the signal: a worker that kept claiming (or kept a claim waiting at
+    # the broker) would take it
+    procs.run("submit", '{"msg": "after"}', "--type", "echo", "--url", url)
     worker.wait(timeout=15)
     assert time.monotonic() - sent <= 5 + 1
     stats = httpx.get(f"{url}/v1/stats").json()

@@ -7,6 +7,8 @@ can cause. Invalid input never reaches the engine, so it never changes the store
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -102,6 +104,33 @@ async def read_json(request: Request, limit_bytes: int, *, empty: Any = ...) -> 
     return parse_body(raw)
 
 
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes the connection (the body was already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def claim_unless_gone(request: Request, claim: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """Run a waiting claim, cancelling it if the client goes away while it waits.
+
+    A claim cancelled while it waits has taken nothing; the client is gone, so what is
+    returned then is never sent.
+    """
+    claiming = asyncio.ensure_future(claim)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((claiming, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not claiming.done():
+        claiming.cancel()
+        log.debug("waiting claim released: the client went away")
+        with contextlib.suppress(asyncio.CancelledError):
+            await claiming
+        return {}
+    return claiming.result()
+
+
 def build_app(broker: Broker) -> Starlette:
     """The REST application of one broker (WebSocket and Connect mount beside it)."""
     service = broker.service
@@ -140,7 +169,10 @@ def build_app(broker: Broker) -> Starlette:
         return json_response(await service.submit_batch(await read_json(request, limit)))
 
     async def claim(request: Request) -> Response:
-        return json_response(await service.claim(await read_json(request, limit)))
+        body = await read_json(request, limit)
+        if not (isinstance(body, dict) and body.get("waitMs")):
+            return json_response(await service.claim(body))
+        return json_response(await claim_unless_gone(request, service.claim(body)))
 
     async def heartbeat(request: Request) -> Response:
         body = await read_json(request, limit)

@@ -53,6 +53,8 @@ class QueueService:
         self.engine = engine
         self._rng = random.Random()
         self._commit_signal = asyncio.Event()
+        #: Claims now waiting for work (observable by tests and metrics).
+        self.waiting_claims = 0
         engine.on_commit = self._after_commit
 
     # -- producers ----------------------------------------------------------------------
@@ -133,7 +135,11 @@ class QueueService:
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
                 return {}
-            await self._wait_for_work(signal, remaining_s)
+            self.waiting_claims += 1
+            try:
+                await self._wait_for_work(signal, remaining_s)
+            finally:
+                self.waiting_claims -= 1
 
     async def _wait_for_work(self, signal: asyncio.Event, remaining_s: float) -> None:
         """Sleep until a commit happens, a delayed job falls due, or time runs out."""
