@@ -139,6 +139,10 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_write_start = 0.0
         self._last_write_end = 0.0
+        #: Monotonic time at which the last write known to have landed was sent (the takeover
+        #: write included). No standby can replace this broker before the leader timeout has
+        #: passed since: standbys count the timeout from when they first read that write.
+        self.confirmed_at = 0.0
         self._stopping = False
 
     @property
@@ -322,7 +326,7 @@ class Engine:
         while True:
             await self._pace()  # a retry after a conflict is a write like any other
             data = self._encode_for_write(attempted)
-            self._last_write_start = time.monotonic()
+            started = self._last_write_start = time.monotonic()
             try:
                 if self.version is None:
                     version = await self.storage.create_if_not_exists(STATE_KEY, data)
@@ -348,6 +352,7 @@ class Engine:
                     return
                 await self._backoff(attempt, deadline)
                 continue
+            self.confirmed_at = started
             self._committed(batch, data, version)
             return
 

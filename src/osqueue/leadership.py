@@ -187,6 +187,7 @@ class Leadership:
         engine.state.register(self.address, self.broker_id, now_ms, takeover=takeover)
         engine.state.commit_id = uuid.uuid4().hex
         data = encode_state(engine.state.to_document())
+        started = time.monotonic()
         try:
             if stored is None:
                 version = await engine.storage.create_if_not_exists(STATE_KEY, data)
@@ -197,6 +198,7 @@ class Leadership:
             return False
         engine.version = version
         engine.committed_bytes = data
+        engine.confirmed_at = started
         engine.known_leader = self.address
         engine.leader = True
         self.view = None

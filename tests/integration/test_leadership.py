@@ -114,8 +114,16 @@ async def test_silent_leader_is_replaced_fenced_and_watches_again(stack: AsyncEx
         claimed = await client.claim("w1")
     assert claimed is not None and claimed.job_id == job_id
 
-    old_view.set_latency(2 * LEADER_TIMEOUT_MS)  # its heartbeat stops moving
+    old_view.set_latency(4 * LEADER_TIMEOUT_MS)  # its heartbeat stops moving
     await until(lambda: new.engine.leader, "the standby to take over")
+
+    # The old leader still believes it leads (its write is stuck), but its last write is
+    # older than the leader timeout, so it no longer claims readiness.
+    assert old.engine.leader
+    async with httpx.AsyncClient() as http:
+        ready = await http.get(f"{old.url}/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["leader"] is None
 
     doc = await stored(shared)
     assert doc["brokerId"] == new.broker.broker_id

@@ -149,7 +149,7 @@ def build_app(broker: Broker) -> Starlette:
         return endpoint
 
     def leader_only() -> None:
-        if not broker.engine.leader:
+        if not broker.leads_now():
             raise broker.not_leader_error()
 
     async def healthz(request: Request) -> Response:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,13 +130,35 @@ class Broker:
         body.update(takeoverAt=self.leadership.takeover_ms, storage=self.storage.describe())
         return body
 
+    def leads_now(self) -> bool:
+        """Whether this broker leads and no standby can have replaced it yet: its last write
+        that landed was sent less than the leader timeout ago.
+
+        A leader that was paused, or cut off from the store, for longer than that answers
+        as a non-leader until a write lands again or a conflict tells it who leads now, so
+        it never serves stale reads as the leader after a standby may have taken over.
+        """
+        engine = self.engine
+        unconfirmed_ms = (time.monotonic() - engine.confirmed_at) * 1000
+        return engine.leader and unconfirmed_ms < self.config.heartbeat_timeout_ms
+
     def not_leader_error(self) -> BrokerLeadershipError:
-        """The 503 of a broker that does not lead: the leader's address in ``leader``, and
-        this broker's view of the leadership beside it."""
+        """The 503 of a broker that does not lead (see :meth:`leads_now`): the leader's
+        address in ``leader``, and this broker's view of the leadership beside it."""
         facts = self.describe()
+        if self.engine.leader:
+            unconfirmed_ms = int((time.monotonic() - self.engine.confirmed_at) * 1000)
+            message = (
+                f"this broker's last write landed {unconfirmed_ms} ms ago, longer than the "
+                "leader timeout: another broker may lead now; ask again shortly"
+            )
+            leader = None
+        else:
+            message = "this broker is a standby, not the leader; send requests to the leader"
+            leader = facts["leaderAddress"]
         return BrokerLeadershipError(
-            "this broker is a standby, not the leader; send requests to the leader",
-            leader=facts["leaderAddress"],
+            message,
+            leader=leader,
             brokerId=self.broker_id,
             leaderBrokerId=facts["leaderBrokerId"],
             epoch=facts["epoch"],
@@ -191,7 +214,8 @@ class _Server(uvicorn.Server):
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP matters: asyncio turns Nagle off only on accepted sockets of such a listener.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
