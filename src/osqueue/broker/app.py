@@ -73,7 +73,9 @@ class AuthMiddleware:
         return None
 
 
-async def read_json(request: Request, limit_bytes: int, *, empty: Any = ...) -> Any:
+async def read_json(
+    request: Request, limit_bytes: int, *, empty: Any = ..., lenient: bool = False
+) -> Any:
     """The request body decoded as JSON, refusing bodies over ``limit_bytes``."""
     content_type = request.headers.get("content-type")
     if content_type and "json" not in content_type.lower():
@@ -101,7 +103,7 @@ async def read_json(request: Request, limit_bytes: int, *, empty: Any = ...) -> 
         if empty is not ...:
             return empty
         raise BrokerProtocolError("request body is empty; send a JSON object")
-    return parse_body(raw)
+    return parse_body(raw, lenient=lenient)
 
 
 async def _disconnected(request: Request) -> None:
@@ -166,7 +168,9 @@ def build_app(broker: Broker) -> Starlette:
         return json_response(await service.submit(await read_json(request, limit)))
 
     async def submit_batch(request: Request) -> Response:
-        return json_response(await service.submit_batch(await read_json(request, limit)))
+        # Lenient: a NaN or undecodable text inside one submit fails that submit alone.
+        body = await read_json(request, limit, lenient=True)
+        return json_response(await service.submit_batch(body))
 
     async def claim(request: Request) -> Response:
         body = await read_json(request, limit)
