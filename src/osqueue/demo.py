@@ -42,7 +42,7 @@ SUBMIT_BATCH = 500
 DEMO_ENGINE = EngineConfig(
     commit_interval_ms=20, job_timeout_ms=5_000, broker_heartbeat_interval_ms=500
 )
-DEMO_LEADER_TIMEOUT_MS = 2_000
+DEMO_BROKER = BrokerConfig(host="127.0.0.1", port=0, engine=DEMO_ENGINE, heartbeat_timeout_ms=2_000)
 
 
 def walk_files(root: Path, *, include_hidden: bool = False) -> Iterator[Path]:
@@ -120,51 +120,55 @@ async def run_demo(
     console = console or Console()
     files = [str(p.resolve()) for p in walk_files(root, include_hidden=include_hidden)]
     results = ResultLog(_results_path(root))
-    retries = 0
     started = time.monotonic()
-    config = BrokerConfig(
-        host="127.0.0.1", port=0, engine=DEMO_ENGINE, heartbeat_timeout_ms=DEMO_LEADER_TIMEOUT_MS
-    )
     console.print(
-        f"[bold]osqueue demo[/bold]: {len(files)} files under {root}, store {storage.describe()}"
+        f"[bold]osqueue demo[/bold]: {len(files)} files under {root}, {storage.describe()}"
     )
-    async with run_broker_in_background(storage, config) as broker:
-        async with AsyncOsqueueClient(broker.url) as client:
-            done_before = results.read()
-            progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), console=console,
-            )  # fmt: skip
-            with progress:
-                task = progress.add_task("files", total=len(files), completed=len(done_before))
-
-                def record(job_id: str, payload: Any, attempt: int) -> None:
-                    nonlocal retries
-                    stats = file_stats(payload)
-                    results.append(
-                        {"path": payload["path"], "jobId": job_id, "attempt": attempt, **stats}
-                    )
-                    retries += attempt > 1
-                    progress.advance(task)
-
-                async def handle(job: JobContext[Any]) -> None:
-                    await asyncio.to_thread(record, job.job_id, job.payload, job.attempt)
-
-                await _submit_all(client, files, progress)
-                worker = Worker(
-                    client, {JOB_TYPE: handle}, concurrency=concurrency, types=[JOB_TYPE]
-                )
-                runner = asyncio.create_task(worker.run(install_signal_handlers=False))
-                try:
-                    await _wait_until_drained(client, runner)
-                finally:
-                    await worker.stop()
-                    await asyncio.gather(runner, return_exceptions=True)
-            stats = await client.stats()
+    async with (
+        run_broker_in_background(storage, DEMO_BROKER) as broker,
+        AsyncOsqueueClient(broker.url) as client,
+    ):
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=console,
+        )  # fmt: skip
+        with progress:
+            await _submit_all(client, files, progress)
+            retries = await _work(client, results, progress, len(files), concurrency)
+        stats = await client.stats()
     results.close()
     summary = _summarise(results.read(), set(files), stats, retries, time.monotonic() - started)
     _print_summary(console, summary)
     return summary
+
+
+async def _work(
+    client: AsyncOsqueueClient, results: ResultLog, progress: Progress, total: int, concurrency: int
+) -> int:
+    """Run workers until the queue is empty; returns how many jobs ran on a retry."""
+    task = progress.add_task("files", total=total, completed=len(results.read()))
+    retries = 0
+
+    def record(job: JobContext[Any]) -> None:
+        nonlocal retries
+        stats = file_stats(job.payload)
+        results.append(
+            {"path": job.payload["path"], "jobId": job.job_id, "attempt": job.attempt, **stats}
+        )
+        retries += job.attempt > 1
+        progress.advance(task)
+
+    async def handle(job: JobContext[Any]) -> None:
+        await asyncio.to_thread(record, job)
+
+    worker = Worker(client, {JOB_TYPE: handle}, concurrency=concurrency, types=[JOB_TYPE])
+    runner = asyncio.create_task(worker.run(install_signal_handlers=False))
+    try:
+        await _wait_until_drained(client, runner)
+    finally:
+        await worker.stop()
+        await asyncio.gather(runner, return_exceptions=True)
+    return retries
 
 
 async def _submit_all(client: AsyncOsqueueClient, files: list[str], progress: Progress) -> None:

@@ -1,6 +1,7 @@
 """Handlers that ship with osqueue, so a worker started from the CLI has work it can do.
 
-Each takes the job's :class:`~osqueue.worker.JobContext`. ``echo`` logs the payload, ``sleep`` waits ``{"seconds": n}``, ``fail`` raises with
+Each takes the job's :class:`~osqueue.worker.JobContext`. ``echo`` logs the payload,
+``sleep`` waits ``{"seconds": n}``, ``noop`` does nothing, ``fail`` raises with
 ``{"message": ...}`` (to try retries and dead letters), and ``file-stats`` is the demo's
 job: size, line count, word count and SHA-256 of ``{"path": ...}``.
 """
@@ -59,12 +60,17 @@ def file_stats(payload: Any) -> dict[str, Any]:
     return {"size": size, "lines": lines, "words": words, "sha256": digest.hexdigest()}
 
 
+def noop(job: JobContext[Any]) -> None:
+    """Does nothing: for measuring the worker runtime itself."""
+
+
 def file_stats_handler(job: JobContext[Any]) -> dict[str, Any]:
     return file_stats(job.payload)
 
 
 BUILTIN_HANDLERS: dict[str, Handler] = {
     "echo": echo,
+    "noop": noop,
     "sleep": sleep,
     "fail": fail,
     "file-stats": file_stats_handler,

@@ -40,7 +40,9 @@ class MemoryStorage(Storage):
     ) -> None:
         self._objects: dict[str, tuple[bytes, int]] = {}
         self._counter = 0
-        self.faults = _Faults(latency_ms / 1000, jitter_ms / 1000, failure_rate, random.Random(seed))
+        self.faults = _Faults(
+            latency_ms / 1000, jitter_ms / 1000, failure_rate, random.Random(seed)
+        )
         self.reads = 0
         self.writes = 0
 
