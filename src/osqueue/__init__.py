@@ -34,6 +34,7 @@ from osqueue.errors import (
     WorkerExecutionError,
 )
 from osqueue.registry import JobRegistry
+from osqueue.retries import ExponentialBackoff, FixedBackoff
 from osqueue.storage import MemoryStorage, Storage
 from osqueue.worker import FailureAction, JobContext, Worker
 
@@ -49,7 +50,9 @@ __all__ = [
     "DiscoveryError",
     "EngineConfig",
     "EngineStateError",
+    "ExponentialBackoff",
     "FailureAction",
+    "FixedBackoff",
     "JobContext",
     "JobNotFoundError",
     "JobRegistry",

@@ -12,6 +12,9 @@ A job's life in a worker, one named step each:
    If the broker answers LeaseLostError (the job expired, was reclaimed or cancelled), the
    handler is cancelled and nothing is reported: the job is no longer this worker's.
 5. **report**: complete the job, or fail it with the error text ``"ExcType: message"``.
+   How long the job waits before its next attempt is the retry policy's call (see
+   :mod:`osqueue.retries`): the policy of the job's type in ``retry_policies``, else
+   ``retry_policy``, else the broker's exponential backoff.
 
 Every claimed job ends with exactly one of the ``on_complete`` or ``on_failure`` hooks.
 
@@ -55,6 +58,7 @@ from osqueue.errors import (
     WorkerExecutionError,
 )
 from osqueue.registry import JobRegistry
+from osqueue.retries import FailureAction, RetryPolicy
 
 __all__ = [
     "DEFAULT_HEARTBEAT_INTERVAL_S",
@@ -112,19 +116,8 @@ class JobContext(Generic[P]):
         return time.monotonic() - self.claimed_at_s
 
 
-@dataclass(frozen=True, slots=True)
-class FailureAction:
-    """What to do with a job whose handler raised: retry after ``retry_delay_ms`` (None:
-    the broker's exponential backoff), or with ``dead=True`` send it to ``dead`` now."""
-
-    retry_delay_ms: int | None = None
-    dead: bool = False
-
-
 #: A handler takes the job's context; it may be a coroutine function or a plain function.
 Handler = Callable[[JobContext[Any]], Any]
-#: Decides what happens to a job whose handler raised.
-RetryPolicy = Callable[[JobContext[Any], BaseException], FailureAction]
 ClaimHook = Callable[[JobContext[Any]], Any]
 CompleteHook = Callable[[JobContext[Any], Any], Any]
 FailureHook = Callable[[JobContext[Any], BaseException], Any]
@@ -208,7 +201,12 @@ class Worker:
 
     Hooks may be sync or async: ``on_claim(ctx)``, ``on_complete(ctx, result)`` and
     ``on_failure(ctx, error)``; an error in a hook is logged and does not change the job's
-    outcome. ``retry_policy(ctx, error)`` returns a :class:`FailureAction`.
+    outcome.
+
+    ``retry_policies`` maps job types to the policy for their failures, and
+    ``retry_policy`` is the policy of every other type; a policy is a function
+    ``(ctx, error) -> FailureAction``, such as :class:`~osqueue.retries.ExponentialBackoff`
+    or :class:`~osqueue.retries.FixedBackoff`. Without one the broker picks the delay.
     """
 
     def __init__(
@@ -230,11 +228,13 @@ class Worker:
         on_complete: CompleteHook | None = None,
         on_failure: FailureHook | None = None,
         retry_policy: RetryPolicy | None = None,
+        retry_policies: Mapping[str, RetryPolicy] | None = None,
     ) -> None:
         if isinstance(handlers, JobRegistry):
             registry = registry or handlers
             handlers = handlers.handlers
         _check_settings(concurrency, heartbeat_interval_s, poll_min_s, poll_max_s, handlers)
+        _check_retry_policies(retry_policies or {}, handlers)
         self.client = client
         self.handlers: dict[str, Handler] = dict(handlers)
         self.registry = registry or client.registry
@@ -251,6 +251,7 @@ class Worker:
         self.on_complete = on_complete
         self.on_failure = on_failure
         self.retry_policy = retry_policy
+        self.retry_policies: dict[str, RetryPolicy] = dict(retry_policies or {})
         self._runs: dict[asyncio.Task[None], _Run] = {}
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
@@ -607,12 +608,13 @@ class Worker:
             )  # fmt: skip
 
     def _failure_action(self, ctx: JobContext[Any], error: BaseException) -> FailureAction:
-        if self.retry_policy is None:
+        policy = self.retry_policies.get(ctx.type or "", self.retry_policy)
+        if policy is None:
             return FailureAction()
         try:
-            return self.retry_policy(ctx, error)
+            return policy(ctx, error)
         except Exception:
-            log.exception("retry_policy raised for job %s; using the default", ctx.job_id)
+            log.exception("retry policy raised for job %s; using the default", ctx.job_id)
             return FailureAction()
 
     async def _hook(self, hook: Callable[..., Any] | None, *args: Any) -> None:
@@ -675,3 +677,21 @@ def _check_settings(
     for type_, handler in handlers.items():
         if not callable(handler):
             raise ConfigError(f"handler of job type {type_!r} is not callable: {handler!r}")
+
+
+def _check_retry_policies(
+    policies: Mapping[str, RetryPolicy], handlers: Mapping[str, Handler]
+) -> None:
+    for type_, policy in policies.items():
+        if type_ == ANY_TYPE:
+            raise ConfigError(
+                "retry_policies maps job types; give the policy of every other type as "
+                "retry_policy="
+            )
+        if type_ not in handlers and ANY_TYPE not in handlers:
+            raise ConfigError(
+                f"retry_policies names job type {type_!r}, which this worker has no handler "
+                f"for (handlers: {', '.join(sorted(handlers))})"
+            )
+        if not callable(policy):
+            raise ConfigError(f"retry policy of job type {type_!r} is not callable: {policy!r}")
