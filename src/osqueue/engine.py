@@ -361,7 +361,7 @@ class Engine:
         state.commit_id = uuid.uuid4().hex
         attempted.add(state.commit_id)
         state.broker_heartbeat = self.clock_ms()
-        return encode_state(state.to_document())
+        return state.encode()
 
     def _committed(self, batch: _Batch, data: bytes, version: str) -> None:
         self.version = version

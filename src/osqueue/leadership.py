@@ -32,7 +32,6 @@ from osqueue.errors import (
     OsqueueError,
     StorageBackendError,
 )
-from osqueue.model import encode_state
 from osqueue.storage.base import STATE_KEY, Versioned
 
 __all__ = ["LeaderView", "Leadership", "LeadershipConfig", "new_broker_id"]
@@ -186,7 +185,7 @@ class Leadership:
         now_ms = engine.clock_ms()
         engine.state.register(self.address, self.broker_id, now_ms, takeover=takeover)
         engine.state.commit_id = uuid.uuid4().hex
-        data = encode_state(engine.state.to_document())
+        data = engine.state.encode()
         started = time.monotonic()
         try:
             if stored is None:

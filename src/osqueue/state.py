@@ -26,7 +26,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from osqueue.errors import JobNotFoundError, LeaseLostError
+from osqueue.model import encode_state
 
 __all__ = [
     "DEFAULT_DEAD_LIMIT",
@@ -122,6 +125,7 @@ class QueueState:
         self._ready_by_type: dict[str | None, list[_Entry]] = {}
         self._delayed: list[_DelayedEntry] = []
         self._leases: dict[str, None] = {}
+        self._job_bytes: dict[str, bytes] = {}
         self._pushes_since_compaction = 0
 
     # -- loading and saving -------------------------------------------------------------
@@ -173,6 +177,27 @@ class QueueState:
         if self.commit_id is not None:
             doc["commitId"] = self.commit_id
         return doc
+
+    def encode(self) -> bytes:
+        """The document's bytes, re-encoding only the jobs that changed since last time.
+
+        Each job's JSON is cached until a transition touches the job (``_stale``), and the
+        jobs array is assembled from the cached pieces, so a commit costs a copy of the
+        unchanged jobs rather than a full encode of the document.
+        """
+        cache = self._job_bytes
+        pieces = []
+        for job_id, job in self.jobs.items():
+            piece = cache.get(job_id)
+            if piece is None:
+                piece = cache[job_id] = orjson.dumps(job)
+            pieces.append(piece)
+        doc = self.to_document()
+        doc["jobs"] = orjson.Fragment(b"[" + b",".join(pieces) + b"]")
+        return encode_state(doc)
+
+    def _stale(self, job_id: str) -> None:
+        self._job_bytes.pop(job_id, None)
 
     # -- index upkeep ---------------------------------------------------------------
 
@@ -241,6 +266,7 @@ class QueueState:
 
     def _forget(self, job_id: str) -> dict[str, Any]:
         job = self.jobs.pop(job_id)
+        self._job_bytes.pop(job_id, None)
         self._seq.pop(job_id, None)
         self._gen.pop(job_id, None)
         self._leases.pop(job_id, None)
@@ -334,6 +360,7 @@ class QueueState:
             return None
         job = self.jobs[best[2]]
         self._gen[job["id"]] += 1
+        self._stale(job["id"])
         job["status"] = "in_progress"
         job["workerId"] = worker_id
         job["heartbeat"] = now_ms
@@ -359,6 +386,7 @@ class QueueState:
     def heartbeat(self, job_id: str, worker_id: str, attempt: int | None, now_ms: int) -> None:
         job = self._held(job_id, worker_id, attempt)
         job["heartbeat"] = now_ms
+        self._stale(job_id)
         self.changes += 1
         leases = self._leases
         leases.pop(job_id, None)
@@ -384,6 +412,7 @@ class QueueState:
     ) -> str:
         """Give a job back. Returns ``"retry"`` or the dead reason it was buried with."""
         job = self._held(job_id, worker_id, attempt)
+        self._stale(job_id)
         self.changes += 1
         if error is not None:
             job["lastError"] = error
@@ -399,6 +428,7 @@ class QueueState:
         return "retry"
 
     def _release(self, job: dict[str, Any], run_at_ms: int | None, now_ms: int) -> None:
+        self._stale(job["id"])
         job["status"] = "unclaimed"
         job.pop("workerId", None)
         job.pop("heartbeat", None)
@@ -430,6 +460,7 @@ class QueueState:
             job = self.jobs[job_id]
             if int(job.get("heartbeat") or 0) + job_timeout_ms > now_ms:
                 break
+            self._stale(job_id)
             job["lastError"] = f"heartbeat timed out on worker {job.get('workerId')}"
             if job["attempts"] >= job["maxAttempts"]:
                 self._bury(job_id, "heartbeat_timeout", now_ms)
@@ -502,6 +533,7 @@ class QueueState:
             self.epoch += 1
             for job_id in self._leases:
                 self.jobs[job_id]["heartbeat"] = now_ms
+                self._stale(job_id)
         self.broker = address
         self.broker_id = broker_id
         self.broker_heartbeat = now_ms

@@ -223,20 +223,21 @@ def build_app(broker: Broker) -> Starlette:
     async def purge(request: Request) -> Response:
         return json_response(await service.purge_dead())
 
+    # The hot paths come first: Starlette tries routes in order.
     routes: list[BaseRoute] = [
+        Route("/v1/jobs", guarded(submit), methods=["POST"]),
+        Route("/v1/jobs/claim", guarded(claim), methods=["POST"]),
+        Route("/v1/jobs/{job_id}/complete", guarded(complete), methods=["POST"]),
+        Route("/v1/jobs/{job_id}/heartbeat", guarded(heartbeat), methods=["POST"]),
+        Route("/v1/jobs/{job_id}/fail", guarded(fail), methods=["POST"]),
+        Route("/v1/jobs/batch", guarded(submit_batch), methods=["POST"]),
+        Route("/v1/jobs", guarded(list_jobs), methods=["GET"]),
+        Route("/v1/jobs/{job_id}", guarded(get_job), methods=["GET"]),
+        Route("/v1/jobs/{job_id}/cancel", guarded(cancel), methods=["POST"]),
+        Route("/v1/stats", guarded(stats), methods=["GET"]),
         Route("/healthz", guarded(healthz), methods=["GET"]),
         Route("/readyz", guarded(readyz), methods=["GET"]),
         Route("/state", guarded(state), methods=["GET"]),
-        Route("/v1/jobs", guarded(submit), methods=["POST"]),
-        Route("/v1/jobs", guarded(list_jobs), methods=["GET"]),
-        Route("/v1/jobs/batch", guarded(submit_batch), methods=["POST"]),
-        Route("/v1/jobs/claim", guarded(claim), methods=["POST"]),
-        Route("/v1/jobs/{job_id}", guarded(get_job), methods=["GET"]),
-        Route("/v1/jobs/{job_id}/heartbeat", guarded(heartbeat), methods=["POST"]),
-        Route("/v1/jobs/{job_id}/complete", guarded(complete), methods=["POST"]),
-        Route("/v1/jobs/{job_id}/fail", guarded(fail), methods=["POST"]),
-        Route("/v1/jobs/{job_id}/cancel", guarded(cancel), methods=["POST"]),
-        Route("/v1/stats", guarded(stats), methods=["GET"]),
         Route("/v1/throttle-stats", guarded(throttle_stats), methods=["GET"]),
         Route("/v1/dead", guarded(dead), methods=["GET"]),
         Route("/v1/dead", guarded(purge), methods=["DELETE"]),
@@ -257,6 +258,8 @@ def build_app(broker: Broker) -> Starlette:
 
     return Starlette(
         routes=routes,
-        middleware=[Middleware(AuthMiddleware, token=broker.config.token)],
+        middleware=[Middleware(AuthMiddleware, token=broker.config.token)]
+        if broker.config.token
+        else [],
         exception_handlers={HTTPException: http_error},
     )
