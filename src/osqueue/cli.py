@@ -111,6 +111,7 @@ Examples:
   osqueue worker                    # run the built-in handlers against BROKER_URL
   osqueue submit '{"msg": "hi"}' --type echo
   osqueue stats
+  osqueue status                    # who leads; exits 3 unless this broker does
 """,
 )
 @click.version_option(package_name="osqueue")
@@ -370,6 +371,98 @@ def jobs(url: str, token: str | None, transport: str, limit: int, as_json: bool)
         out.print(table)
 
     _run(run())
+
+
+@main.command(
+    epilog="""\b
+Examples:
+  osqueue status                              # the broker at BROKER_URL
+  osqueue status --url http://10.0.0.6:8080   # is this one a standby?
+  osqueue status --storage s3://bucket/q      # and what the store says
+  until osqueue status >/dev/null; do sleep 1; done   # wait for a leader
+"""
+)
+@url_option
+@token_option
+@click.option(
+    "--storage",
+    "store_url",
+    envvar="STORAGE_URL",
+    show_envvar=True,
+    default=None,
+    help="Also read the leader from this store (file:///path, s3://bucket/prefix, ...).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print raw JSON.")
+def status(url: str, token: str | None, store_url: str | None, as_json: bool) -> None:
+    """Show who leads: whether the broker at URL is the leader or a standby, the epoch and
+    the age of the leader's heartbeat. Exits 0 when that broker leads, 3 when it is a
+    standby or cannot be reached, so it serves as a readiness check."""
+
+    async def run() -> int:
+        report = {"broker": await _broker_status(url, token)}
+        if store_url:
+            report["store"] = await _store_status(store_url)
+        if as_json:
+            out.print_json(orjson.dumps(report).decode())
+        else:
+            table = Table(title=f"osqueue leadership, {report['broker']['url']}")
+            table.add_column("")
+            table.add_column("value")
+            for section, facts in report.items():
+                for key, value in facts.items():
+                    table.add_row(f"{section} {key}", "" if value is None else str(value))
+            out.print(table)
+        return EXIT_OK if report["broker"]["role"] == "leader" else EXIT_UNAVAILABLE
+
+    sys.exit(_run(run()))
+
+
+async def _broker_status(url: str, token: str | None) -> dict[str, Any]:
+    """The broker's own answer on ``/readyz``: leader, standby or unreachable."""
+    import httpx
+
+    from osqueue.client.rest import normalize_base_url
+    from osqueue.errors import error_from_body
+
+    base = normalize_base_url(url)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            response = await http.get(f"{base}/readyz", headers=headers)
+        body = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        return {"url": base, "role": "unreachable", "error": repr(exc)}
+    if response.status_code == 200:
+        role, leader = "leader", body.get("leaderAddress")
+    elif isinstance(body, dict) and body.get("_tag") == "BrokerLeadershipError":
+        role, leader = "standby", body.get("leader")
+    else:
+        raise error_from_body(body, status=response.status_code, method="GET", path="/readyz")
+    return {
+        "url": base,
+        "role": role,
+        "brokerId": body.get("brokerId"),
+        "leader": leader,
+        "leaderBrokerId": body.get("leaderBrokerId"),
+        "epoch": body.get("epoch"),
+        "heartbeatAgeMs": body.get("heartbeatAgeMs"),
+    }
+
+
+async def _store_status(store_url: str) -> dict[str, Any]:
+    """What the state document says; the age compares the leader's clock with this one."""
+    import time
+
+    from osqueue.client.discovery import read_leader
+
+    record = await read_leader(store_url)
+    age_ms = int(time.time() * 1000) - record.heartbeat_ms if record.heartbeat_ms else None
+    return {
+        "leader": record.address,
+        "brokerId": record.broker_id,
+        "epoch": record.epoch,
+        "heartbeatAgeMs": age_ms,
+    }
 
 
 # -- demo -------------------------------------------------------------------------------
