@@ -177,6 +177,8 @@ def apply(m: Model, op: tuple[Any, ...]) -> None:
 def check_invariants(m: Model) -> None:
     state = m.state
     doc = decode_state(encode_state(state.to_document()))
+    # The incremental encoding (cached job bytes) says exactly what the document says.
+    assert decode_state(state.encode()) == doc
     live_ids = [j["id"] for j in doc["jobs"]]
     dead_ids = [d["id"] for d in doc["dead"]]
     # I2: no id twice in the state.
