@@ -8,13 +8,14 @@ Exit codes: 0 success, 1 a job or command failed, 2 bad configuration or usage,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import orjson
@@ -22,6 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 from osqueue.errors import ConfigError, OsqueueError
+
+if TYPE_CHECKING:
+    from osqueue.client import AsyncOsqueueClient
 
 __all__ = ["main"]
 
@@ -100,6 +104,40 @@ log_option = click.option(
     type=click.Choice(["debug", "info", "warning", "error"]),
     show_default=True,
 )
+
+
+discover_option = click.option(
+    "--discover/--no-discover",
+    envvar="OSQUEUE_DISCOVER",
+    show_envvar=True,
+    default=False,
+    help="Find the leading broker in the store (--storage) instead of --url, and follow "
+    "it through failovers.",
+)
+
+
+@contextlib.asynccontextmanager
+async def _client(
+    url: str, token: str | None, transport: str, *, discover: bool, storage: str | None
+) -> AsyncIterator[AsyncOsqueueClient]:
+    """A client of the broker at ``url``, or with ``discover`` of the one the store names."""
+    from osqueue.client import AsyncOsqueueClient
+    from osqueue.client.discovery import StoreDiscovery
+
+    if not discover:
+        async with AsyncOsqueueClient(url, token=token, transport=transport) as client:
+            yield client
+        return
+    store = _storage(storage)
+    try:
+        discovery = StoreDiscovery(store)
+        leader_url = await discovery.broker_url()
+        async with AsyncOsqueueClient(
+            leader_url, token=token, transport=transport, discover=discovery
+        ) as client:
+            yield client
+    finally:
+        await store.close()
 
 
 @click.group(
@@ -205,11 +243,14 @@ Examples:
   osqueue worker                              # built-in echo, sleep, fail, file-stats
   osqueue worker -H resize=myapp.jobs:resize -c 8
   osqueue worker --transport ws --types echo
+  osqueue worker --discover --storage s3://bucket/q   # follows the leader through failovers
 """
 )
 @url_option
 @token_option
 @transport_option
+@discover_option
+@storage_option
 @click.option(
     "-H", "--handler", "handlers", multiple=True, help="TYPE=module:function (repeatable)."
 )
@@ -229,6 +270,8 @@ def worker(
     url: str,
     token: str | None,
     transport: str,
+    discover: bool,
+    storage: str | None,
     handlers: tuple[str, ...],
     concurrency: int,
     types: str | None,
@@ -236,7 +279,6 @@ def worker(
     log_level: str,
 ) -> None:
     """Claim and run jobs until SIGINT or SIGTERM, then stop gracefully."""
-    from osqueue.client import AsyncOsqueueClient
     from osqueue.handlers import BUILTIN_HANDLERS
     from osqueue.worker import Worker
 
@@ -245,7 +287,8 @@ def worker(
     async def run() -> None:
         table = dict(_load_handler(h) for h in handlers) if handlers else dict(BUILTIN_HANDLERS)
         wanted = [t.strip() for t in types.split(",") if t.strip()] if types else list(table)
-        async with AsyncOsqueueClient(url, token=token, transport=transport) as client:
+        connect = _client(url, token, transport, discover=discover, storage=storage)
+        async with connect as client:
             runner = Worker(
                 client,
                 table,
@@ -253,7 +296,7 @@ def worker(
                 types=wanted,
                 shutdown_grace_s=shutdown_grace_s,
             )
-            console.print(f"worker {runner.worker_id} on {url} handling {', '.join(wanted)}")
+            console.print(f"worker {runner.worker_id} on {client.url} handling {', '.join(wanted)}")
             await runner.run()
 
     _run(run())
@@ -283,6 +326,8 @@ Examples:
 @url_option
 @token_option
 @transport_option
+@discover_option
+@storage_option
 @click.option("--type", "job_type", default=None, help="Job type.")
 @click.option("--max-attempts", type=click.IntRange(1, 1000), default=None)
 @click.option("--delay-s", type=click.FloatRange(0), default=None, help="Not claimable before.")
@@ -293,6 +338,8 @@ def submit(
     url: str,
     token: str | None,
     transport: str,
+    discover: bool,
+    storage: str | None,
     job_type: str | None,
     max_attempts: int | None,
     delay_s: float | None,
@@ -300,11 +347,10 @@ def submit(
     idempotency_key: str | None,
 ) -> None:
     """Submit one job with a JSON PAYLOAD and print its id."""
-    from osqueue.client import AsyncOsqueueClient
 
     async def run() -> None:
         body = _parse_payload(payload)
-        async with AsyncOsqueueClient(url, token=token, transport=transport) as client:
+        async with _client(url, token, transport, discover=discover, storage=storage) as client:
             receipt = await client.submit_with_receipt(
                 body,
                 type=job_type,

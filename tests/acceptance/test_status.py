@@ -1,4 +1,5 @@
-"""``osqueue status`` against a leader, a standby and nothing, as a user runs it."""
+"""``osqueue status`` against a leader, a standby and nothing, and ``--discover``: the CLI
+finding the leader in the store, as a user runs it."""
 
 from __future__ import annotations
 
@@ -61,3 +62,20 @@ def test_status_of_no_broker_exits_3(procs: Processes) -> None:
     result = procs.run("status", "--url", f"http://127.0.0.1:{free_port()}", "--json")
     assert result.returncode == 3
     assert json.loads(result.stdout)["broker"]["role"] == "unreachable"
+
+
+def test_submit_discovers_the_leader_from_the_store(procs: Processes) -> None:
+    nobody = procs.run("submit", '{"n": 1}', "--discover")
+    assert nobody.returncode == 3
+    assert "DiscoveryError" in nobody.stderr
+
+    port = free_port()
+    procs.start("broker", "--host", "127.0.0.1", "--port", str(port), env=TIMINGS)
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: healthy(url), 20, "the broker to lead")
+    # --url points nowhere: only the store can have named the broker.
+    dead_end = f"http://127.0.0.1:{free_port()}"
+    found = procs.run("submit", '{"n": 1}', "--discover", "--url", dead_end)
+    assert found.returncode == 0, found.stderr
+    job_id = found.stdout.strip()
+    assert httpx.get(f"{url}/v1/jobs/{job_id}", timeout=5).status_code == 200
