@@ -6,6 +6,7 @@ The timed failure scenarios (F01-F05, F13, F19) are in test_rest_failure_cases.p
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -541,3 +542,25 @@ async def test_keep_alive_requests_are_not_delayed_by_nagle(broker: RestBroker) 
     for _ in range(20):
         assert (await broker.http.get("/healthz")).status_code == 200
     assert time.monotonic() - started < 0.4
+
+
+async def test_client_leaving_mid_body_is_not_logged_as_a_broker_error(
+    broker: RestBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="osqueue")
+    host, port = broker.handle.broker.address.rsplit(":", 1)
+    _reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n" + b'{"payload": "' + b"x" * 100
+    )
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+    def gone_logged() -> bool:
+        return any("went away" in r.getMessage() for r in caplog.records)
+
+    await poll_until(gone_logged, 5)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert await broker.submit("still serving")

@@ -18,7 +18,7 @@ import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -144,6 +144,9 @@ def build_app(broker: Broker) -> Starlette:
                 return await handler(request)
             except OsqueueError as exc:
                 return error_response(exc)
+            except ClientDisconnect:  # nobody is left to answer: not the broker's fault
+                log.debug("client went away during %s %s", request.method, request.url.path)
+                return error_response(BrokerProtocolError("the client went away"))
             except Exception:
                 log.exception("unexpected error on %s %s", request.method, request.url.path)
                 return error_response(EngineStateError("internal error; see the broker log"))
