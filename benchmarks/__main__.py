@@ -201,7 +201,7 @@ class Bench:
             p5a = load(
                 scenario="submit", port=broker.port, connections=64, duration_s=self.duration_s
             )
-            p5b = self._drain(broker.port, min(2000, self.args.jobs), types=["bench"])
+            p5b = self._drain(broker.port, min(2000, p5a["requests"]), types=["bench"])
             after = bench_stats(broker.port)
         ratio_a = p5a["rps"] / self.figures["p1"]
         ratio_b = p5b["jobs_per_s"] / self.figures["p3"]

@@ -58,6 +58,7 @@ async def batch(spec: dict[str, Any]) -> dict[str, Any]:
 async def drain(spec: dict[str, Any]) -> dict[str, Any]:
     """Each connection: claim, then complete what it got; stop after ``total`` jobs."""
     port, target = spec["port"], spec["total"]
+    stop_at = time.monotonic() + spec.get("max_s", 120)
     types = spec.get("types")
     done = 0
     latencies: list[float] = []
@@ -72,7 +73,7 @@ async def drain(spec: dict[str, Any]) -> dict[str, Any]:
         claim = request_bytes("POST", "/v1/jobs/claim", orjson.dumps(body))
         lease = orjson.dumps({"workerId": f"bench-{index}"})
         try:
-            while done < target:
+            while done < target and time.monotonic() < stop_at:
                 sent = time.monotonic()
                 writer.write(claim)
                 _status, answer = await _read_response(reader)
