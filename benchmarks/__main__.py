@@ -347,6 +347,39 @@ class Bench:
                 None,
             )
 
+    def s3(self) -> None:
+        """Issue [2]: submit and drain on S3 (moto in server mode), writes per 1,000 jobs."""
+        from tests.plugins.emulators import MOTO_KEY_ID, MOTO_REGION, MOTO_SECRET, MotoS3Server
+
+        moto = MotoS3Server()
+        moto.start()
+        try:
+            bucket = moto.create_bucket()
+            env = {
+                "AWS_ACCESS_KEY_ID": MOTO_KEY_ID,
+                "AWS_SECRET_ACCESS_KEY": MOTO_SECRET,
+                "AWS_DEFAULT_REGION": MOTO_REGION,
+                "S3_ENDPOINT_URL": moto.url,
+            }
+            options = ("--storage", f"s3://{bucket}/bench", "--commit-interval-ms", "50")
+            with servers.start("broker", *options, env=env) as broker:
+                submitted = load(
+                    scenario="submit", port=broker.port, connections=64, duration_s=self.duration_s
+                )
+                drained = self._drain(broker.port, submitted["requests"])
+                writes = bench_stats(broker.port)["writes"]
+        finally:
+            moto.stop()
+        per_1000 = writes / max(1, drained["jobs"]) * 1000
+        self.row(
+            "S3",
+            "submit (64 clients) then drain (8 workers) on moto S3, interval 50 ms",
+            f"submit {submitted['rps']:.0f}/s, drain {drained['jobs_per_s']:.0f}/s, "
+            f"{per_1000:.1f} writes per 1,000 jobs",
+            "(figure)",
+            None,
+        )
+
     def table(self) -> None:
         table = Table(title="osqueue benchmarks (this machine, this run)")
         for column in ("id", "workload", "measured", "target", "status"):
@@ -357,7 +390,7 @@ class Bench:
         console.print(table)
 
 
-ROWS = ["p0_p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8"]
+ROWS = ["p0_p1", "p2", "p3", "p4", "p5", "p6", "p7", "p8", "s3"]
 
 
 def main() -> None:

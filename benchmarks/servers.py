@@ -119,12 +119,13 @@ class Running:
 
 
 @contextlib.contextmanager
-def start(kind: str, *options: str) -> Iterator[Running]:
+def start(kind: str, *options: str, env: dict[str, str] | None = None) -> Iterator[Running]:
     """Start a server process and yield it once it listens; stop it afterwards."""
     process = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.servers", kind, *options],
         stdout=subprocess.PIPE,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     try:
         assert process.stdout is not None
