@@ -237,7 +237,16 @@ class Engine:
             # The live state may still show a failed batch's effects: the reload applies op.
             return await self._enqueue(op)
         before = self.state.changes
-        result = op(self.state, self.clock_ms())  # an error here changed nothing: raise it
+        try:
+            result = op(self.state, self.clock_ms())
+        except OsqueueError as exc:  # a refusal changed nothing
+            if not self._dirty():
+                raise
+            # It rests on a state not yet durable (a complete in flight, say): answer it
+            # with that write, and judge it again if the write fails and state is reloaded.
+            error_future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+            self._batch.entries.append(_Pending(op, error_future, error=exc))
+            return await error_future
         changed = self.state.changes != before
         if not changed and not self._dirty():
             return result

@@ -79,20 +79,23 @@ EngineFactory = Callable[..., Awaitable[Engine]]
 @pytest.fixture
 async def make_engine() -> AsyncIterator[EngineFactory]:
     """Start leading engines on a given store; all are stopped at teardown."""
-    engines: list[Engine] = []
+    started: list[tuple[Engine, ProbeStorage]] = []
 
-    async def factory(storage: MemoryStorage, **config: Any) -> Engine:
+    async def factory(storage: ProbeStorage, **config: Any) -> Engine:
         config.setdefault("broker_heartbeat_interval_ms", 60_000)
         config.setdefault("commit_interval_ms", 5)
         engine = Engine(storage, EngineConfig(**config))
         await Leadership(engine, ADDRESS, broker_id=BROKER_ID).acquire(wait=False)
         engine.start()
-        engines.append(engine)
+        started.append((engine, storage))
         return engine
 
     yield factory
-    for engine in engines:
-        await engine.stop()
+    for engine, storage in started:
+        storage.failing = False  # a test that failed half-way must not hang the stop
+        if storage.gate is not None:
+            storage.gate.set()
+        await asyncio.wait_for(engine.stop(), 5)
 
 
 def submit_op(payload: Any = None, **spec: Any) -> Callable[[QueueState, int], str]:
@@ -434,3 +437,58 @@ async def test_minimum_gap_holds_for_the_write_after_a_conflict(
     conflicted, replayed = storage.write_starts[first:]
     assert engine.stats.conflicts == 1
     assert replayed - conflicted >= 0.1 - 0.005
+
+
+async def test_a_refusal_based_on_a_write_in_flight_waits_for_that_write(
+    make_engine: EngineFactory,
+) -> None:
+    """A duplicate complete is refused only once the first complete is durable; if the
+    first one's write fails, the duplicate is judged again on the reloaded state."""
+    storage = ProbeStorage()
+    engine = await make_engine(storage, retry_deadline_ms=100, retry_base_ms=5, retry_cap_ms=20)
+    await engine.execute(submit_op())
+    job_id = await engine.execute(claim_op("w1"))
+    assert job_id is not None
+
+    def complete(state: QueueState, now_ms: int) -> None:
+        state.complete(job_id, "w1", None)
+
+    storage.gate = asyncio.Event()
+    storage.write_started.clear()
+    first = asyncio.create_task(engine.execute(complete))
+    await storage.write_started.wait()
+    duplicate = asyncio.create_task(engine.execute(complete))
+    await asyncio.sleep(0)
+    assert not duplicate.done()  # its refusal rests on a write not yet durable
+
+    storage.failing = True
+    storage.gate.set()
+    with pytest.raises(StorageBackendError):
+        await first
+    storage.failing = False
+    storage.gate = None
+    await duplicate  # judged again on the durable state: w1 still held the job
+    assert storage.document()["completedTotal"] == 1
+
+
+async def test_a_refusal_waits_for_the_write_then_stands(make_engine: EngineFactory) -> None:
+    storage = ProbeStorage()
+    engine = await make_engine(storage)
+    await engine.execute(submit_op())
+    job_id = await engine.execute(claim_op("w1"))
+    assert job_id is not None
+    storage.gate = asyncio.Event()
+    storage.write_started.clear()
+    first = asyncio.create_task(
+        engine.execute(lambda state, now_ms: state.complete(job_id, "w1", None))
+    )
+    await storage.write_started.wait()
+    duplicate = asyncio.create_task(
+        engine.execute(lambda state, now_ms: state.complete(job_id, "w1", None))
+    )
+    await asyncio.sleep(0)
+    assert not duplicate.done()
+    storage.gate.set()
+    await first
+    with pytest.raises(LeaseLostError):
+        await duplicate
