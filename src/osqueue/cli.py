@@ -13,9 +13,10 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import click
 import orjson
@@ -25,7 +26,8 @@ from rich.table import Table
 from osqueue.errors import ConfigError, OsqueueError
 
 if TYPE_CHECKING:
-    from osqueue.client import AsyncOsqueueClient
+    from osqueue.client import AsyncOsqueueClient, JobSpec, SubmitReceipt
+    from osqueue.retries import RetryPolicy
 
 __all__ = ["main"]
 
@@ -140,6 +142,30 @@ async def _client(
         await store.close()
 
 
+def client_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--url``, ``--token`` and ``--transport``: how a command reaches the broker."""
+    return url_option(token_option(transport_option(command)))
+
+
+def _with_client(
+    url: str, token: str | None, transport: str, use: Callable[[AsyncOsqueueClient], Awaitable[T]]
+) -> T:
+    """``use(client)`` with a client of the broker at ``url``; errors become exit codes."""
+
+    async def run() -> T:
+        async with _client(url, token, transport, discover=False, storage=None) as client:
+            return await use(client)
+
+    return _run(run())
+
+
+def _print_json(value: Any) -> None:
+    out.print_json(orjson.dumps(value).decode())
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print raw JSON.")
+
+
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="""\b
@@ -150,6 +176,8 @@ Examples:
   osqueue submit '{"msg": "hi"}' --type echo
   osqueue stats
   osqueue status                    # who leads; exits 3 unless this broker does
+  osqueue job ID                    # one job, queued, running or dead
+  osqueue dead list                 # jobs that will not run again; requeue, purge
 """,
 )
 @click.version_option(package_name="osqueue")
@@ -237,6 +265,28 @@ def _load_handler(spec: str) -> tuple[str, Callable[..., Any]]:
     return job_type, handler
 
 
+def _parse_retry(spec: str) -> tuple[str, RetryPolicy]:
+    """``TYPE=fixed:DELAY_S`` or ``TYPE=exponential:BASE_S[:CAP_S]`` to (type, policy)."""
+    from osqueue.retries import ExponentialBackoff, FixedBackoff
+
+    job_type, sep, policy = spec.partition("=")
+    kind, _, numbers = policy.partition(":")
+    usage = "TYPE=fixed:DELAY_S or TYPE=exponential:BASE_S[:CAP_S] (TYPE * for every type)"
+    try:
+        values = [float(n) for n in numbers.split(":")] if numbers else []
+    except ValueError:
+        values = []
+    if not sep or not job_type:
+        raise ConfigError(f"--retry must look like {usage}, got {spec!r}")
+    if kind == "fixed" and len(values) == 1:
+        return job_type, FixedBackoff(values[0])
+    if kind == "exponential" and len(values) == 1:
+        return job_type, ExponentialBackoff(base_s=values[0])
+    if kind == "exponential" and len(values) == 2:
+        return job_type, ExponentialBackoff(base_s=values[0], cap_s=values[1])
+    raise ConfigError(f"--retry must look like {usage}, got {spec!r}")
+
+
 @main.command(
     epilog="""\b
 Examples:
@@ -244,6 +294,8 @@ Examples:
   osqueue worker -H resize=myapp.jobs:resize -c 8
   osqueue worker --transport ws --types echo
   osqueue worker --discover --storage s3://bucket/q   # follows the leader through failovers
+  osqueue worker --retry 'fail=exponential:1:60' --retry '*=fixed:5'
+  WORKER_RETRY='resize=fixed:30 email=exponential:2' osqueue worker -H ...
 """
 )
 @url_option
@@ -265,6 +317,17 @@ Examples:
     "--shutdown-grace-s", envvar="WORKER_SHUTDOWN_GRACE_S", show_envvar=True, default=10.0,
     type=click.FloatRange(0), show_default=True,
 )  # fmt: skip
+@click.option(
+    "--retry", "retries", multiple=True, envvar="WORKER_RETRY", show_envvar=True,
+    help="Retry policy of a job type (repeatable; the variable takes several, space-separated): "
+    "TYPE=fixed:DELAY_S or TYPE=exponential:BASE_S[:CAP_S], TYPE * for every other type. "
+    "Default: the broker's backoff (1 s doubling to 5 min, with jitter).",
+)  # fmt: skip
+@click.option(
+    "--claim-wait-ms", envvar="WORKER_CLAIM_WAIT_MS", show_envvar=True, default=5_000,
+    type=click.IntRange(0, 60_000), show_default=True,
+    help="How long an idle worker's claim waits at the broker for a job (0: plain polling).",
+)  # fmt: skip
 @log_option
 def worker(
     url: str,
@@ -276,6 +339,8 @@ def worker(
     concurrency: int,
     types: str | None,
     shutdown_grace_s: float,
+    retries: tuple[str, ...],
+    claim_wait_ms: int,
     log_level: str,
 ) -> None:
     """Claim and run jobs until SIGINT or SIGTERM, then stop gracefully."""
@@ -287,6 +352,8 @@ def worker(
     async def run() -> None:
         table = dict(_load_handler(h) for h in handlers) if handlers else dict(BUILTIN_HANDLERS)
         wanted = [t.strip() for t in types.split(",") if t.strip()] if types else list(table)
+        policies = dict(_parse_retry(spec) for spec in retries)
+        default_policy = policies.pop("*", None)
         connect = _client(url, token, transport, discover=discover, storage=storage)
         async with connect as client:
             runner = Worker(
@@ -295,6 +362,9 @@ def worker(
                 concurrency=concurrency,
                 types=wanted,
                 shutdown_grace_s=shutdown_grace_s,
+                claim_wait_ms=claim_wait_ms,
+                retry_policy=default_policy,
+                retry_policies=policies,
             )
             console.print(f"worker {runner.worker_id} on {client.url} handling {', '.join(wanted)}")
             await runner.run()
@@ -314,15 +384,128 @@ def _parse_payload(text: str) -> Any:
         ) from None
 
 
+def _parse_run_at(ctx: click.Context, param: click.Parameter, text: str | None) -> int | None:
+    """``--run-at``: epoch milliseconds, or ISO 8601 with a timezone."""
+    if text is None or text.isdigit():
+        return None if text is None else int(text)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise click.BadParameter(
+            f"{text!r} needs a time with a timezone, like 2026-12-24T18:00:00Z or "
+            "2026-12-24T19:00:00+01:00, or epoch milliseconds"
+        )
+    return int(when.timestamp() * 1000)
+
+
+def _read_batch(lines: TextIO, defaults: JobSpec) -> list[tuple[int, JobSpec | OsqueueError]]:
+    """The jobs of a JSON Lines file, by line number; a line that is not a submit body is
+    its error. ``defaults`` fills what a line leaves out."""
+    import dataclasses
+
+    from osqueue.client import JobSpec
+    from osqueue.errors import BrokerProtocolError
+
+    entries: list[tuple[int, JobSpec | OsqueueError]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            spec = JobSpec.from_body(orjson.loads(line))
+        except orjson.JSONDecodeError as exc:
+            entries.append((number, BrokerProtocolError(f"line is not valid JSON: {exc}")))
+            continue
+        except BrokerProtocolError as exc:
+            entries.append((number, exc))
+            continue
+        unset = {
+            field.name: getattr(defaults, field.name)
+            for field in dataclasses.fields(spec)
+            if getattr(spec, field.name) is None and field.name != "payload"
+        }
+        entries.append((number, dataclasses.replace(spec, **unset)))
+    return entries
+
+
+async def _submit_in_chunks(
+    client: AsyncOsqueueClient, specs: list[JobSpec], chunk_size: int
+) -> list[SubmitReceipt | OsqueueError]:
+    """Submit ``specs`` in batches of ``chunk_size`` (one durable write each).
+
+    A batch the broker refuses as a whole (too large, say) counts as refused job by job;
+    an error worth retrying later stops the submission, saying how far it got.
+    """
+    results: list[SubmitReceipt | OsqueueError] = []
+    for start in range(0, len(specs), chunk_size):
+        chunk = specs[start : start + chunk_size]
+        try:
+            results.extend(await client.submit_batch(chunk))
+        except OsqueueError as exc:
+            if exc.retryable:
+                console.print(
+                    f"[yellow]stopped after {start} of {len(specs)} jobs;[/yellow] jobs with "
+                    "an idempotency key can be sent again safely"
+                )
+                raise
+            results.extend([exc] * len(chunk))
+    return results
+
+
+def _batch_report(entries: list[tuple[int, JobSpec | OsqueueError]],
+                  results: list[SubmitReceipt | OsqueueError]) -> list[dict[str, Any]]:  # fmt: skip
+    """One answer per line: ``{"line", "jobId", "duplicate"}`` or ``{"line", "error"}``."""
+    answers = iter(results)
+    report: list[dict[str, Any]] = []
+    for number, entry in entries:
+        outcome = entry if isinstance(entry, OsqueueError) else next(answers)
+        if isinstance(outcome, OsqueueError):
+            report.append({"line": number, "error": outcome.to_body()})
+        else:
+            report.append({"line": number, "jobId": outcome.job_id, "duplicate": outcome.duplicate})
+    return report
+
+
+def _print_batch_report(source: str, report: list[dict[str, Any]]) -> None:
+    refused = sum("error" in r for r in report)
+    duplicates = sum(bool(r.get("duplicate")) for r in report)
+    submitted = len(report) - refused - duplicates
+    table = Table(
+        title=f"{source}: {submitted} submitted, {duplicates} duplicates, {refused} refused"
+    )
+    table.add_column("line", justify="right")
+    table.add_column("job id", min_width=36, no_wrap=True)
+    table.add_column("result", overflow="fold")
+    for row in report:
+        if "error" in row:
+            error = row["error"]
+            table.add_row(str(row["line"]), "", f"[red]{error['_tag']}[/red]: {error['message']}")
+        else:
+            result = "duplicate of an earlier submit" if row["duplicate"] else "submitted"
+            table.add_row(str(row["line"]), row["jobId"], result)
+    out.print(table)
+
+
 @main.command(
     epilog="""\b
 Examples:
   osqueue submit '{"msg": "hello"}' --type echo
   osqueue submit '{"seconds": 5}' --type sleep --delay-s 30 --priority 10
+  osqueue submit '{"msg": "at noon"}' --type echo --run-at 2026-12-24T12:00:00Z
   osqueue submit '{"path": "README.md"}' --type file-stats --key readme-once
+  osqueue submit --batch jobs.jsonl --type echo     # --type for lines without one
+  generate-jobs | osqueue submit --batch - --json
+
+\b
+A batch file has one submit body per line, as POST /v1/jobs takes it:
+  {"payload": {"msg": "hi"}, "type": "echo", "priority": 5, "idempotencyKey": "hi-1"}
+  {"payload": 42, "delayMs": 60000, "maxAttempts": 5}
+Each chunk of --chunk-size lines is one durable write; a line the broker refuses is
+reported on its own and the others are submitted (exit code 1 when any was refused).
 """
 )
-@click.argument("payload")
+@click.argument("payload", required=False)
 @url_option
 @token_option
 @transport_option
@@ -331,10 +514,24 @@ Examples:
 @click.option("--type", "job_type", default=None, help="Job type.")
 @click.option("--max-attempts", type=click.IntRange(1, 1000), default=None)
 @click.option("--delay-s", type=click.FloatRange(0), default=None, help="Not claimable before.")
-@click.option("--priority", type=int, default=0, help="Higher runs first.")
+@click.option(
+    "--run-at", "run_at_ms", default=None, callback=_parse_run_at,
+    help="Not claimable before this time: ISO 8601 with a timezone, or epoch milliseconds.",
+)  # fmt: skip
+@click.option("--priority", type=int, default=None, help="Higher runs first (default 0).")
 @click.option("--key", "idempotency_key", default=None, help="Idempotency key.")
+@click.option(
+    "--batch", "batch_file", type=click.File("r"), default=None,
+    help="Submit every line of this JSON Lines file (- for stdin) instead of PAYLOAD; the "
+    "options above fill what a line leaves out.",
+)  # fmt: skip
+@click.option(
+    "--chunk-size", envvar="OSQUEUE_BATCH_CHUNK", show_envvar=True, default=1000,
+    type=click.IntRange(1, 10_000), show_default=True, help="Jobs per batch request.",
+)  # fmt: skip
+@json_option
 def submit(
-    payload: str,
+    payload: str | None,
     url: str,
     token: str | None,
     transport: str,
@@ -343,26 +540,77 @@ def submit(
     job_type: str | None,
     max_attempts: int | None,
     delay_s: float | None,
-    priority: int,
+    run_at_ms: int | None,
+    priority: int | None,
     idempotency_key: str | None,
+    batch_file: TextIO | None,
+    chunk_size: int,
+    as_json: bool,
 ) -> None:
-    """Submit one job with a JSON PAYLOAD and print its id."""
+    """Submit one job with a JSON PAYLOAD and print its id, or many with --batch FILE."""
+    from osqueue.client import JobSpec
+
+    if (payload is None) == (batch_file is None):
+        raise click.UsageError("give a PAYLOAD or --batch FILE (one of them)")
+    if batch_file is not None and idempotency_key is not None:
+        raise click.UsageError("--key names one job; put idempotencyKey in the lines of --batch")
+
+    if batch_file is not None:
+        delay_ms = None if delay_s is None else round(delay_s * 1000)
+        defaults = JobSpec(None, job_type, max_attempts, delay_ms, run_at_ms, priority)
+        sys.exit(
+            _submit_batch_file(
+                batch_file,
+                defaults,
+                chunk_size,
+                as_json,
+                _client(url, token, transport, discover=discover, storage=storage),
+            )
+        )
 
     async def run() -> None:
-        body = _parse_payload(payload)
+        body = _parse_payload(payload or "")
         async with _client(url, token, transport, discover=discover, storage=storage) as client:
             receipt = await client.submit_with_receipt(
                 body,
                 type=job_type,
                 max_attempts=max_attempts,
                 delay_s=delay_s,
+                run_at=run_at_ms,
                 priority=priority,
                 idempotency_key=idempotency_key,
             )
-        suffix = " (duplicate of an earlier submit)" if receipt.duplicate else ""
-        out.print(f"{receipt.job_id}{suffix}")
+        if as_json:
+            _print_json({"jobId": receipt.job_id, "duplicate": receipt.duplicate})
+        else:
+            suffix = " (duplicate of an earlier submit)" if receipt.duplicate else ""
+            out.print(f"{receipt.job_id}{suffix}")
 
     _run(run())
+
+
+def _submit_batch_file(
+    batch_file: TextIO,
+    defaults: JobSpec,
+    chunk_size: int,
+    as_json: bool,
+    connect: contextlib.AbstractAsyncContextManager[AsyncOsqueueClient],
+) -> int:
+    """``submit --batch``: send the file's jobs, print one result per line, return the
+    exit code (1 when the broker refused any line)."""
+    entries = _read_batch(batch_file, defaults)
+    specs = [entry for _, entry in entries if not isinstance(entry, OsqueueError)]
+
+    async def run() -> list[SubmitReceipt | OsqueueError]:
+        async with connect as client:
+            return await _submit_in_chunks(client, specs, chunk_size)
+
+    report = _batch_report(entries, _run(run()))
+    if as_json:
+        _print_json({"results": report})
+    else:
+        _print_batch_report(batch_file.name, report)
+    return EXIT_FAILED if any("error" in row for row in report) else EXIT_OK
 
 
 @main.command()
@@ -509,6 +757,221 @@ async def _store_status(store_url: str) -> dict[str, Any]:
         "epoch": record.epoch,
         "heartbeatAgeMs": age_ms,
     }
+
+
+# -- one job, dead letters --------------------------------------------------------------
+
+#: The job fields in the order a person reads them; any others follow.
+_JOB_FIELDS = (
+    "id", "status", "type", "payload", "attempts", "priority", "createdAt", "runAt",
+    "workerId", "heartbeat", "lastError", "reason", "deadAt", "idempotencyKey",
+)  # fmt: skip
+_TIME_FIELDS = frozenset(("createdAt", "runAt", "heartbeat", "deadAt"))
+
+
+def _when(epoch_ms: int) -> str:
+    """Epoch milliseconds as ISO 8601 UTC, to the millisecond."""
+    moment = datetime.fromtimestamp(epoch_ms / 1000, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _job_value(job: dict[str, Any], field: str) -> str:
+    value = job[field]
+    if field == "attempts":
+        return f"{value} of {job.get('maxAttempts', '?')}"
+    if field in _TIME_FIELDS and isinstance(value, int) and value > 0:
+        return _when(value)
+    if field == "payload" or not isinstance(value, str):
+        return orjson.dumps(value).decode()
+    return value
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    table = Table(title=f"job {job.get('id')}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    others = sorted(set(job) - set(_JOB_FIELDS) - {"maxAttempts"})
+    for field in (*_JOB_FIELDS, *others):
+        if field in job:
+            table.add_row(field, _job_value(job, field))
+    out.print(table)
+
+
+@main.command(
+    epilog="""\b
+Examples:
+  osqueue job 3f0c1a4e-...            # queued, in progress or dead
+  osqueue job 3f0c1a4e-... --json | jq .payload
+"""
+)
+@click.argument("job_id")
+@client_options
+@json_option
+def job(job_id: str, url: str, token: str | None, transport: str, as_json: bool) -> None:
+    """Show one job by id, whether queued, in progress or dead (exit 1 when the queue
+    does not hold it: completed, cancelled, purged or never submitted)."""
+    found = _with_client(url, token, transport, lambda client: client.get_job(job_id))
+    if as_json:
+        _print_json(found)
+    else:
+        _print_job(found)
+
+
+@main.command(
+    epilog="""\b
+Examples:
+  osqueue cancel 3f0c1a4e-...
+  osqueue jobs --json | jq -r '.jobs[] | select(.type == "resize") | .id' \\
+    | xargs -n1 osqueue cancel
+"""
+)
+@click.argument("job_id")
+@client_options
+@json_option
+def cancel(job_id: str, url: str, token: str | None, transport: str, as_json: bool) -> None:
+    """Remove a queued or running job. A worker running it learns at its next heartbeat
+    and stops the handler; work already done is not undone."""
+    _with_client(url, token, transport, lambda client: client.cancel(job_id))
+    if as_json:
+        _print_json({"jobId": job_id, "cancelled": True})
+    else:
+        out.print(f"cancelled job {job_id}")
+
+
+@main.group(
+    epilog="""\b
+Examples:
+  osqueue dead list
+  osqueue dead show 3f0c1a4e-...
+  osqueue dead requeue --type resize
+  osqueue dead purge --yes
+"""
+)
+def dead() -> None:
+    """Dead letters: jobs that will not run again (attempts used up, failed for good,
+    invalid payload, or timed out on their last attempt). The newest DEAD_LETTER_LIMIT
+    (1000) are kept; `osqueue stats` counts them (dead) and every one ever (deadTotal)."""
+
+
+@dead.command(
+    "list",
+    epilog="""\b
+Examples:
+  osqueue dead list --type resize --limit 10
+  osqueue dead list --json | jq -r '.jobs[].lastError' | sort | uniq -c
+""",
+)
+@click.option("--type", "job_type", default=None, help="Only dead jobs of this type.")
+@click.option("--limit", type=click.IntRange(1), default=50, show_default=True,
+              help="Show the newest this many.")  # fmt: skip
+@client_options
+@json_option
+def dead_list(
+    job_type: str | None, limit: int, url: str, token: str | None, transport: str, as_json: bool
+) -> None:
+    """List dead jobs, oldest first, with why they died and their last error."""
+    listing = _with_client(url, token, transport, lambda client: client.dead())
+    jobs = [j for j in listing["jobs"] if job_type is None or j.get("type") == job_type]
+    if as_json:
+        _print_json({"jobs": jobs[-limit:], "deadTotal": listing["deadTotal"]})
+        return
+    table = Table(
+        title=f"{len(jobs)} dead jobs kept, {listing['deadTotal']} ever",
+        caption=f"the newest {limit}" if len(jobs) > limit else None,
+    )
+    table.add_column("id", min_width=36, no_wrap=True)
+    for column in ("type", "reason", "attempts", "dead at"):
+        table.add_column(column)
+    table.add_column("last error", overflow="fold")
+    for entry in jobs[-limit:]:
+        table.add_row(
+            entry["id"], entry.get("type", ""), entry.get("reason", ""),
+            f"{entry.get('attempts')}/{entry.get('maxAttempts')}", _job_value(entry, "deadAt"),
+            entry.get("lastError", ""),
+        )  # fmt: skip
+    out.print(table)
+
+
+@dead.command("show", epilog="""\b
+Examples:
+  osqueue dead show 3f0c1a4e-...
+  osqueue dead show 3f0c1a4e-... --json | jq -r .lastError
+""")  # fmt: skip
+@click.argument("job_id")
+@client_options
+@json_option
+def dead_show(job_id: str, url: str, token: str | None, transport: str, as_json: bool) -> None:
+    """Show one dead job: its payload, reason, last error and when it died."""
+    found = _with_client(url, token, transport, lambda client: client.get_job(job_id))
+    if found.get("status") != "dead":
+        console.print(
+            f"[red]job {job_id} is not dead[/red] (status {found.get('status')}); "
+            f"see osqueue job {job_id}"
+        )
+        sys.exit(EXIT_FAILED)
+    if as_json:
+        _print_json(found)
+    else:
+        _print_job(found)
+
+
+@dead.command(
+    "requeue",
+    epilog="""\b
+Examples:
+  osqueue dead requeue --id 3f0c1a4e-... --id 9b2d...
+  osqueue dead requeue --type resize                # every dead resize job
+  osqueue dead requeue --id 3f0c1a4e-... --type resize   # only if it is a resize job
+  osqueue dead requeue --all
+""",
+)
+@click.option("--id", "job_ids", multiple=True, help="A dead job to requeue (repeatable).")
+@click.option("--type", "job_type", default=None, help="Requeue the dead jobs of this type.")
+@click.option("--all", "everything", is_flag=True, help="Requeue every dead job.")
+@client_options
+@json_option
+def dead_requeue(
+    job_ids: tuple[str, ...],
+    job_type: str | None,
+    everything: bool,
+    url: str,
+    token: str | None,
+    transport: str,
+    as_json: bool,
+) -> None:
+    """Put dead jobs back in the queue. They keep their id and payload and start again
+    with attempts 0. With --id and --type, a job must match both."""
+    if everything and (job_ids or job_type):
+        raise click.UsageError("--all requeues every dead job; leave out --id and --type")
+    if not (everything or job_ids or job_type):
+        raise click.UsageError("say which dead jobs to requeue: --id ID, --type TYPE or --all")
+    moved = _with_client(
+        url, token, transport,
+        lambda client: client.requeue_dead(list(job_ids) or None, type=job_type),
+    )  # fmt: skip
+    if as_json:
+        _print_json({"requeued": moved})
+    else:
+        out.print(f"requeued {moved} dead jobs")
+
+
+@dead.command("purge", epilog="""\b
+Examples:
+  osqueue dead purge            # asks first
+  osqueue dead purge --yes --json
+""")  # fmt: skip
+@click.confirmation_option(
+    "--yes", "-y", prompt="Forget every dead job for good?", help="Do not ask first."
+)
+@client_options
+@json_option
+def dead_purge(url: str, token: str | None, transport: str, as_json: bool) -> None:
+    """Forget every dead job. deadTotal keeps counting them."""
+    purged = _with_client(url, token, transport, lambda client: client.purge_dead())
+    if as_json:
+        _print_json({"purged": purged})
+    else:
+        out.print(f"purged {purged} dead jobs")
 
 
 # -- demo -------------------------------------------------------------------------------

@@ -114,6 +114,17 @@ class SubmitReceipt:
         return cls(job_id, body.get("duplicate") is True)
 
 
+#: The optional fields of a submit body (the REST names) and of :class:`JobSpec`.
+_SUBMIT_FIELDS: Final = {
+    "type": "type",
+    "maxAttempts": "max_attempts",
+    "delayMs": "delay_ms",
+    "runAt": "run_at",
+    "priority": "priority",
+    "idempotencyKey": "idempotency_key",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class JobSpec:
     """One job to submit. ``run_at`` is an aware datetime or milliseconds since the epoch;
@@ -126,6 +137,24 @@ class JobSpec:
     run_at: datetime | int | None = None
     priority: int | None = None
     idempotency_key: str | None = None
+
+    @classmethod
+    def from_body(cls, body: Any) -> JobSpec:
+        """The spec of a REST submit body (``{"payload", "type"?, "maxAttempts"?, ...}``).
+
+        Raises BrokerProtocolError for a body that is not an object, lacks ``payload`` or
+        has a field a submit does not know; the values are checked by the broker.
+        """
+        if not isinstance(body, dict):
+            raise BrokerProtocolError(f"a submit body is a JSON object, not {type(body).__name__}")
+        if "payload" not in body:
+            raise BrokerProtocolError("payload is required (any JSON value, null included)")
+        unknown = sorted(set(body) - set(_SUBMIT_FIELDS) - {"payload"})
+        if unknown:
+            known = ", ".join(["payload", *_SUBMIT_FIELDS])
+            raise BrokerProtocolError(f"unknown field {unknown[0]!r}; the fields are {known}")
+        options = {_SUBMIT_FIELDS[k]: v for k, v in body.items() if k != "payload"}
+        return cls(body["payload"], **options)
 
 
 def _epoch_ms(run_at: datetime | int) -> int:
@@ -294,15 +323,11 @@ class AsyncOsqueueClient:
             job_type, payload = self.registry.prepare(job_type, payload)
         elif isinstance(payload, BaseModel):
             payload = dump_payload(payload)
+        optional = {name: getattr(spec, attribute) for name, attribute in _SUBMIT_FIELDS.items()}
+        optional["type"] = job_type
+        if spec.run_at is not None:
+            optional["runAt"] = _epoch_ms(spec.run_at)
         body: dict[str, Any] = {"payload": payload}
-        optional = {
-            "type": job_type,
-            "maxAttempts": spec.max_attempts,
-            "delayMs": spec.delay_ms,
-            "runAt": _epoch_ms(spec.run_at) if spec.run_at is not None else None,
-            "priority": spec.priority,
-            "idempotencyKey": spec.idempotency_key,
-        }
         body.update({k: v for k, v in optional.items() if v is not None})
         return body
 
