@@ -324,6 +324,12 @@ Examples:
     "Default: the broker's backoff (1 s doubling to 5 min, with jitter).",
 )  # fmt: skip
 @click.option(
+    "--heartbeat-interval-s", envvar="WORKER_HEARTBEAT_INTERVAL_S", show_envvar=True,
+    default=10.0, type=click.FloatRange(0.01), show_default=True,
+    help="How often a running job's lease is refreshed; keep it well under the broker's "
+    "JOB_HEARTBEAT_TIMEOUT_MS. A cancelled job's handler stops at the next one.",
+)  # fmt: skip
+@click.option(
     "--claim-wait-ms", envvar="WORKER_CLAIM_WAIT_MS", show_envvar=True, default=5_000,
     type=click.IntRange(0, 60_000), show_default=True,
     help="How long an idle worker's claim waits at the broker for a job (0: plain polling).",
@@ -340,6 +346,7 @@ def worker(
     types: str | None,
     shutdown_grace_s: float,
     retries: tuple[str, ...],
+    heartbeat_interval_s: float,
     claim_wait_ms: int,
     log_level: str,
 ) -> None:
@@ -362,6 +369,7 @@ def worker(
                 concurrency=concurrency,
                 types=wanted,
                 shutdown_grace_s=shutdown_grace_s,
+                heartbeat_interval_s=heartbeat_interval_s,
                 claim_wait_ms=claim_wait_ms,
                 retry_policy=default_policy,
                 retry_policies=policies,

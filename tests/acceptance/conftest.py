@@ -67,8 +67,13 @@ class Processes:
         return proc
 
     def run(
-        self, *args: str, env: dict[str, str] | None = None, timeout_s: float = 60
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout_s: float = 60,
+        input_text: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
+        """Run a command to its end; ``input_text`` is its stdin (else an empty one)."""
         return subprocess.run(
             [*OSQUEUE, *args],
             cwd=self.workdir,
@@ -76,6 +81,7 @@ class Processes:
             capture_output=True,
             text=True,
             timeout=timeout_s,
+            input=input_text if input_text is not None else "",
         )
 
     def output(self, proc: subprocess.Popen[str]) -> str:
