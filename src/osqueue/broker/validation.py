@@ -12,7 +12,6 @@ from typing import Any
 import orjson
 
 from osqueue.errors import BrokerProtocolError
-from osqueue.model import DEAD_REASONS
 from osqueue.state import DEFAULT_MAX_ATTEMPTS, SubmitSpec
 
 __all__ = [
@@ -27,6 +26,8 @@ __all__ = [
     "parse_submit",
 ]
 
+#: Dead reasons a worker may ask for; the broker itself sets the others.
+FAIL_REASONS = frozenset(("failed", "invalid_payload"))
 MAX_TYPE_LENGTH = 256
 MAX_KEY_LENGTH = 512
 MAX_ATTEMPTS_LIMIT = 1000
@@ -265,10 +266,10 @@ def parse_fail(body: Any) -> tuple[str | None, int | None, str | None]:
     error = _str(body, "error", 64 * 1024)
     delay = _int(body, "retryDelayMs", 0, MAX_DELAY_MS)
     reason = _str(body, "reason", 64)
-    if reason is not None and (reason not in DEAD_REASONS or reason == "heartbeat_timeout"):
-        raise BrokerProtocolError("reason must be 'failed' or 'invalid_payload' when given")
-    if reason == "exhausted":
-        reason = "failed"
+    if reason is not None and reason not in FAIL_REASONS:
+        raise BrokerProtocolError(
+            f"reason must be 'failed' or 'invalid_payload' when given, got {reason!r}"
+        )
     return error, delay, reason
 
 
