@@ -61,6 +61,9 @@ def _setup_logging(level: str) -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if level != "debug":
+        # httpx logs every request at INFO: a worker's log would be mostly its own polls.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _storage(url: str | None) -> Any:
@@ -783,6 +786,13 @@ def _when(epoch_ms: int) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _short_when(epoch_ms: Any) -> str:
+    """Epoch milliseconds as ``YYYY-MM-DD HH:MM:SS`` UTC, for table columns."""
+    if not isinstance(epoch_ms, int) or epoch_ms <= 0:
+        return ""
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _job_value(job: dict[str, Any], field: str) -> str:
     value = job[field]
     if field == "attempts":
@@ -888,13 +898,14 @@ def dead_list(
         caption=f"the newest {limit}" if len(jobs) > limit else None,
     )
     table.add_column("id", min_width=36, no_wrap=True)
-    for column in ("type", "reason", "attempts", "dead at"):
+    for column in ("type", "reason", "attempts"):
         table.add_column(column)
+    table.add_column("dead at (UTC)", no_wrap=True)
     table.add_column("last error", overflow="fold")
     for entry in jobs[-limit:]:
         table.add_row(
             entry["id"], entry.get("type", ""), entry.get("reason", ""),
-            f"{entry.get('attempts')}/{entry.get('maxAttempts')}", _job_value(entry, "deadAt"),
+            f"{entry.get('attempts')}/{entry.get('maxAttempts')}", _short_when(entry.get("deadAt")),
             entry.get("lastError", ""),
         )  # fmt: skip
     out.print(table)
