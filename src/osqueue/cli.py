@@ -23,7 +23,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from osqueue.errors import ConfigError, OsqueueError
+from osqueue.errors import BrokerProtocolError, ConfigError, OsqueueError
 
 if TYPE_CHECKING:
     from osqueue.client import AsyncOsqueueClient, JobSpec, SubmitReceipt
@@ -397,8 +397,10 @@ def _parse_payload(text: str) -> Any:
 
 def _parse_run_at(ctx: click.Context, param: click.Parameter, text: str | None) -> int | None:
     """``--run-at``: epoch milliseconds, or ISO 8601 with a timezone."""
-    if text is None or text.isdigit():
-        return None if text is None else int(text)
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
@@ -417,7 +419,6 @@ def _read_batch(lines: TextIO, defaults: JobSpec) -> list[tuple[int, JobSpec | O
     import dataclasses
 
     from osqueue.client import JobSpec
-    from osqueue.errors import BrokerProtocolError
 
     entries: list[tuple[int, JobSpec | OsqueueError]] = []
     for number, line in enumerate(lines, 1):
@@ -464,8 +465,9 @@ async def _submit_in_chunks(
     return results
 
 
-def _batch_report(entries: list[tuple[int, JobSpec | OsqueueError]],
-                  results: list[SubmitReceipt | OsqueueError]) -> list[dict[str, Any]]:  # fmt: skip
+def _batch_report(
+    entries: list[tuple[int, JobSpec | OsqueueError]], results: list[SubmitReceipt | OsqueueError]
+) -> list[dict[str, Any]]:
     """One answer per line: ``{"line", "jobId", "duplicate"}`` or ``{"line", "error"}``."""
     answers = iter(results)
     report: list[dict[str, Any]] = []
@@ -625,57 +627,41 @@ def _submit_batch_file(
 
 
 @main.command()
-@url_option
-@token_option
-@transport_option
-@click.option("--json", "as_json", is_flag=True, help="Print raw JSON.")
+@client_options
+@json_option
 def stats(url: str, token: str | None, transport: str, as_json: bool) -> None:
-    """Show queue counters and the broker's leadership state."""
-    from osqueue.client import AsyncOsqueueClient
-
-    async def run() -> None:
-        async with AsyncOsqueueClient(url, token=token, transport=transport) as client:
-            numbers = await client.stats()
-        if as_json:
-            out.print_json(orjson.dumps(numbers).decode())
-            return
-        table = Table(title=f"osqueue at {url}")
-        table.add_column("counter")
-        table.add_column("value", justify="right")
-        for key, value in numbers.items():
-            table.add_row(key, str(value))
-        out.print(table)
-
-    _run(run())
+    """Show queue counters: jobs queued and running, completed, dead (kept and ever)."""
+    numbers = _with_client(url, token, transport, lambda client: client.stats())
+    if as_json:
+        _print_json(numbers)
+        return
+    table = Table(title=f"osqueue at {url}")
+    table.add_column("counter")
+    table.add_column("value", justify="right")
+    for key, value in numbers.items():
+        table.add_row(key, str(value))
+    out.print(table)
 
 
 @main.command()
-@url_option
-@token_option
-@transport_option
+@client_options
 @click.option("--limit", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print raw JSON.")
+@json_option
 def jobs(url: str, token: str | None, transport: str, limit: int, as_json: bool) -> None:
     """List live jobs (oldest first)."""
-    from osqueue.client import AsyncOsqueueClient
-
-    async def run() -> None:
-        async with AsyncOsqueueClient(url, token=token, transport=transport) as client:
-            listing = await client.list_jobs()
-        if as_json:
-            out.print_json(orjson.dumps(listing).decode())
-            return
-        table = Table(title=f"{listing['total']} jobs, {listing['inProgress']} in progress")
-        for column in ("id", "type", "status", "attempts", "worker"):
-            table.add_column(column)
-        for job in listing["jobs"][:limit]:
-            table.add_row(
-                job["id"], job["type"], job["status"],
-                f"{job['attempts']}/{job['maxAttempts']}", job["workerId"],
-            )  # fmt: skip
-        out.print(table)
-
-    _run(run())
+    listing = _with_client(url, token, transport, lambda client: client.list_jobs())
+    if as_json:
+        _print_json(listing)
+        return
+    table = Table(title=f"{listing['total']} jobs, {listing['inProgress']} in progress")
+    for column in ("id", "type", "status", "attempts", "worker"):
+        table.add_column(column)
+    for job in listing["jobs"][:limit]:
+        table.add_row(
+            job["id"], job["type"], job["status"],
+            f"{job['attempts']}/{job['maxAttempts']}", job["workerId"],
+        )  # fmt: skip
+    out.print(table)
 
 
 @main.command(
@@ -880,8 +866,13 @@ Examples:
 """,
 )
 @click.option("--type", "job_type", default=None, help="Only dead jobs of this type.")
-@click.option("--limit", type=click.IntRange(1), default=50, show_default=True,
-              help="Show the newest this many.")  # fmt: skip
+@click.option(
+    "--limit",
+    type=click.IntRange(1),
+    default=50,
+    show_default=True,
+    help="Show the newest this many.",
+)
 @client_options
 @json_option
 def dead_list(
@@ -894,7 +885,8 @@ def dead_list(
         _print_json({"jobs": jobs[-limit:], "deadTotal": listing["deadTotal"]})
         return
     table = Table(
-        title=f"{len(jobs)} dead jobs kept, {listing['deadTotal']} ever",
+        title=f"{len(jobs)} dead {job_type + ' ' if job_type else ''}jobs kept, "
+        f"{listing['deadTotal']} ever",
         caption=f"the newest {limit}" if len(jobs) > limit else None,
     )
     table.add_column("id", min_width=36, no_wrap=True)
@@ -911,11 +903,14 @@ def dead_list(
     out.print(table)
 
 
-@dead.command("show", epilog="""\b
+@dead.command(
+    "show",
+    epilog="""\b
 Examples:
   osqueue dead show 3f0c1a4e-...
   osqueue dead show 3f0c1a4e-... --json | jq -r .lastError
-""")  # fmt: skip
+""",
+)
 @click.argument("job_id")
 @client_options
 @json_option
@@ -974,11 +969,14 @@ def dead_requeue(
         out.print(f"requeued {moved} dead jobs")
 
 
-@dead.command("purge", epilog="""\b
+@dead.command(
+    "purge",
+    epilog="""\b
 Examples:
   osqueue dead purge            # asks first
   osqueue dead purge --yes --json
-""")  # fmt: skip
+""",
+)
 @click.confirmation_option(
     "--yes", "-y", prompt="Forget every dead job for good?", help="Do not ask first."
 )
