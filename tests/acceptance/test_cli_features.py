@@ -12,7 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
+from click.testing import CliRunner
 
+from osqueue.cli import main
 from tests.acceptance.conftest import Processes, free_port, healthy, wait_for
 
 
@@ -199,3 +201,17 @@ def test_worker_retry_policy_option(cli: Processes) -> None:
     # fixed:60 for this type; the broker's own backoff would be at most 1 s
     assert 55_000 < job["runAt"] - reported_ms <= 60_000
     assert "failed job" in cli.output(worker)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["job"], ["cancel"], ["dead"], ["dead", "list"], ["dead", "show"], ["dead", "requeue"],
+     ["dead", "purge"], ["submit"], ["worker"]],
+)  # fmt: skip
+def test_help_of_the_feature_commands_shows_examples(command: list[str]) -> None:
+    result = CliRunner().invoke(main, [*command, "--help"], terminal_width=100)
+    assert result.exit_code == 0, result.output
+    assert "Examples:" in result.output
+    if command == ["worker"]:
+        for variable in ("WORKER_RETRY", "WORKER_CLAIM_WAIT_MS", "WORKER_HEARTBEAT_INTERVAL_S"):
+            assert variable in result.output
