@@ -352,6 +352,7 @@ def _encode_claim(result: dict[str, Any]) -> Any:
         type=result.get("type") or "",
         attempts=_clamp(result.get("attempts", 0), "i32"),
         max_attempts=_clamp(result.get("maxAttempts", 0), "i32"),
+        timeout_ms=_clamp(result.get("timeoutMs", 0), "i64"),
     )
 
 
@@ -406,6 +407,7 @@ def _decode_claim(response: Any) -> dict[str, Any]:
         "type": response.type or None,
         "attempts": response.attempts,
         "maxAttempts": response.max_attempts,
+        "timeoutMs": response.timeout_ms,
     }
 
 

@@ -8,7 +8,8 @@ A job's life in a worker, one named step each:
    does not fit is sent to ``dead`` with reason ``invalid_payload``.
 3. **run**: call the handler with a :class:`JobContext`; async handlers are awaited, sync
    ones run in a thread of their own.
-4. **heartbeat**: while the handler runs, refresh the lease every ``heartbeat_interval_s``.
+4. **heartbeat**: while the handler runs, refresh the lease every ``heartbeat_interval_s``
+   (by default a third of the job timeout the broker announces with the claim).
    If the broker answers LeaseLostError (the job expired, was reclaimed or cancelled), the
    handler is cancelled and nothing is reported: the job is no longer this worker's.
 5. **report**: complete the job, or fail it with the error text ``"ExcType: message"``.
@@ -73,7 +74,7 @@ log = logging.getLogger("osqueue.worker")
 
 P = TypeVar("P")
 
-#: A third of the broker's default job timeout (30 s).
+#: Heartbeat interval when the broker does not announce its job timeout (a third of 30 s).
 DEFAULT_HEARTBEAT_INTERVAL_S: Final = 10.0
 DEFAULT_POLL_MIN_S: Final = 0.05
 DEFAULT_POLL_MAX_S: Final = 2.0
@@ -105,6 +106,8 @@ class JobContext(Generic[P]):
     #: Sync handlers doing long work should check it.
     cancel_event: threading.Event = field(default_factory=threading.Event)
     claimed_at_s: float = field(default_factory=time.monotonic)
+    #: The broker's job timeout for this lease, when it said (ms).
+    lease_timeout_ms: int | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -218,7 +221,7 @@ class Worker:
         worker_id: str | None = None,
         types: Iterable[str] | None = None,
         registry: JobRegistry | None = None,
-        heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
+        heartbeat_interval_s: float | None = None,
         poll_min_s: float = DEFAULT_POLL_MIN_S,
         poll_max_s: float = DEFAULT_POLL_MAX_S,
         claim_wait_ms: int = DEFAULT_CLAIM_WAIT_MS,
@@ -233,7 +236,10 @@ class Worker:
         if isinstance(handlers, JobRegistry):
             registry = registry or handlers
             handlers = handlers.handlers
-        _check_settings(concurrency, heartbeat_interval_s, poll_min_s, poll_max_s, handlers)
+        _check_settings(
+            concurrency, heartbeat_interval_s or DEFAULT_HEARTBEAT_INTERVAL_S,
+            poll_min_s, poll_max_s, handlers,
+        )  # fmt: skip
         _check_retry_policies(retry_policies or {}, handlers)
         self.client = client
         self.handlers: dict[str, Handler] = dict(handlers)
@@ -426,7 +432,7 @@ class Worker:
     def _start(self, job: ClaimedJob) -> None:
         ctx = JobContext(
             job.job_id, job.type, job.attempts, job.max_attempts,
-            job.payload, job.payload, self.worker_id,
+            job.payload, job.payload, self.worker_id, lease_timeout_ms=job.timeout_ms,
         )  # fmt: skip
         log.info(
             "claimed job %s (%s) attempt %d/%d",
@@ -514,8 +520,13 @@ class Worker:
 
     async def _heartbeat_loop(self, run: _Run) -> None:
         ctx = run.ctx
+        interval_s = self.heartbeat_interval_s
+        if interval_s is None:
+            # a third of the broker's timeout leaves room for two lost heartbeats
+            lease_s = (ctx.lease_timeout_ms or 0) / 1000
+            interval_s = lease_s / 3 if lease_s else DEFAULT_HEARTBEAT_INTERVAL_S
         while True:
-            await asyncio.sleep(self.heartbeat_interval_s)
+            await asyncio.sleep(interval_s)
             try:
                 await self.client.heartbeat(ctx.job_id, self.worker_id, ctx.attempt)
             except (LeaseLostError, JobNotFoundError) as exc:

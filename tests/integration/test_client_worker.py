@@ -127,7 +127,7 @@ async def test_async_round_trip(client: AsyncOsqueueClient) -> None:
 
     assert await client.claim("w1", types=["other"]) is None
     job = await client.claim("w1", types=["email"])
-    assert job == ClaimedJob(job_id, {"n": 1}, "email", 1, 5)
+    assert job == ClaimedJob(job_id, {"n": 1}, "email", 1, 5, timeout_ms=30_000)
     await client.heartbeat(job_id, "w1", attempt=1)
     with pytest.raises(LeaseLostError):
         await client.heartbeat(job_id, "w2", attempt=1)
@@ -197,7 +197,7 @@ async def test_sync_round_trip(broker: BrokerHandle) -> None:
 
     # The broker serves on this loop, so the blocking client runs in a thread.
     job_id, job, stats = await asyncio.to_thread(blocking_producer_and_consumer)
-    assert job == ClaimedJob(job_id, {"x": 1}, "sync", 1, 3)
+    assert job == ClaimedJob(job_id, {"x": 1}, "sync", 1, 3, timeout_ms=30_000)
     assert stats["completedTotal"] == 1
 
 

@@ -136,6 +136,7 @@ async def test_submit_claim_heartbeat_complete(call: Call) -> None:
         "type": "email",
         "attempts": 1,
         "maxAttempts": 5,
+        "timeoutMs": 30_000,  # the broker tells workers its job timeout
     }
     assert await call("heartbeat", {"jobId": job_id, "workerId": "w1", "attempt": 1}) == {}
     running = await call("getJob", {"jobId": job_id})

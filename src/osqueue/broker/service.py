@@ -34,10 +34,12 @@ _LIST_DEFAULTS = {
 }
 
 
-def _claim_body(result: ClaimResult | None) -> dict[str, Any]:
+def _claim_body(result: ClaimResult | None, timeout_ms: int) -> dict[str, Any]:
+    """The claim answer; ``timeoutMs`` tells the worker how often it must heartbeat."""
     if result is None:
         return {}
     return {
+        "timeoutMs": timeout_ms,
         "jobId": result.job_id,
         "payload": result.payload,
         "type": result.type,
@@ -131,7 +133,7 @@ class QueueService:
                     "claimed job %s (%s) by %s, attempt %d",
                     result.job_id, result.type or "untyped", worker_id, result.attempts,
                 )  # fmt: skip
-                return _claim_body(result)
+                return _claim_body(result, self.engine.config.job_timeout_ms)
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0:
                 return {}

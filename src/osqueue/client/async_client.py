@@ -75,6 +75,8 @@ class ClaimedJob:
     type: str | None
     attempts: int
     max_attempts: int
+    #: The broker's job timeout, when it says (heartbeat well within it), in ms.
+    timeout_ms: int | None = None
 
     @classmethod
     def from_wire(cls, body: Any) -> ClaimedJob | None:
@@ -94,7 +96,12 @@ class ClaimedJob:
             or not isinstance(max_attempts, int)
         ):
             raise BrokerProtocolError(f"claim answered a malformed job: {body!r:.200}")
-        return cls(job_id, body.get("payload"), job_type or None, attempts, max_attempts)
+        timeout_ms = body.get("timeoutMs")
+        if not isinstance(timeout_ms, int) or isinstance(timeout_ms, bool) or timeout_ms <= 0:
+            timeout_ms = None
+        return cls(
+            job_id, body.get("payload"), job_type or None, attempts, max_attempts, timeout_ms
+        )
 
 
 @dataclass(frozen=True, slots=True)
