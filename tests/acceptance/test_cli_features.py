@@ -44,6 +44,11 @@ def run_json(cli: Processes, *args: str, env: dict[str, str] | None = None) -> A
     return json.loads(result.stdout)
 
 
+def get_job(cli: Processes, job_id: str) -> Any:
+    """A job as the broker answers it over REST (cheaper than a CLI process)."""
+    return httpx.get(f"{url(cli)}/v1/jobs/{job_id}").json()
+
+
 def submit(cli: Processes, body: dict[str, Any]) -> str:
     job_id: str = httpx.post(f"{url(cli)}/v1/jobs", json=body).json()["jobId"]
     return job_id
@@ -81,13 +86,13 @@ def test_dead_letters_list_show_requeue_purge(cli: Processes) -> None:
     )  # fmt: skip
     not_dead = cli.run("dead", "show", live)
     assert not_dead.returncode == 1 and "is not dead (status unclaimed)" in not_dead.stderr
-    assert cli.run("job", a, env={"COLUMNS": "160"}).stdout.count("exhausted") == 1
 
     nothing_named = cli.run("dead", "requeue")
     assert nothing_named.returncode == 2 and "--all" in nothing_named.stderr
     assert run_json(cli, "dead", "requeue", "--id", a) == {"requeued": 1}
-    assert run_json(cli, "job", a)["attempts"] == 0
+    assert get_job(cli, a)["attempts"] == 0
     assert run_json(cli, "dead", "requeue", "--id", b, "--type", "email") == {"requeued": 0}
+    assert get_job(cli, c)["status"] == "dead"
     assert run_json(cli, "dead", "requeue", "--type", "email") == {"requeued": 1}
     assert cli.run("dead", "requeue", "--all").stdout.strip() == "requeued 1 dead jobs"
 
@@ -102,10 +107,9 @@ def test_job_lookup_and_cancel_reach_a_running_worker(cli: Processes) -> None:
     queued = submit(cli, {"payload": {"seconds": 30}, "type": "nap-queued", "priority": -5})
     running = submit(cli, {"payload": {"seconds": 30}, "type": "sleep"})
     worker = cli.start("worker", "--types", "sleep", "--heartbeat-interval-s", "0.3")
-    wait_for(lambda: httpx.get(f"{url(cli)}/v1/jobs/{running}").json()["status"] == "in_progress",
-             20, "the worker to claim the job")  # fmt: skip
+    wait_for(lambda: get_job(cli, running)["status"] == "in_progress", 20,
+             "the worker to claim the job")  # fmt: skip
 
-    assert run_json(cli, "job", queued)["status"] == "unclaimed"
     held = run_json(cli, "job", running, "--transport", "connect")
     assert (held["status"], held["attempts"], held["maxAttempts"]) == ("in_progress", 1, 3)
     assert held["workerId"] and held["heartbeat"] >= held["createdAt"]
@@ -118,9 +122,9 @@ def test_job_lookup_and_cancel_reach_a_running_worker(cli: Processes) -> None:
     }  # fmt: skip
     wait_for(lambda: f"lost the lease on job {running}" in cli.output(worker), 10,
              "the worker to stop the cancelled job at its next heartbeat")  # fmt: skip
-    for job_id in (queued, running):
-        gone = cli.run("job", job_id)
-        assert gone.returncode == 1 and "JobNotFoundError" in gone.stderr
+    gone = cli.run("job", running)
+    assert gone.returncode == 1 and "JobNotFoundError" in gone.stderr
+    assert get_job(cli, queued)["_tag"] == "JobNotFoundError"
     again = cli.run("cancel", running)
     assert again.returncode == 1 and "JobNotFoundError" in again.stderr
     stats = run_json(cli, "stats")
@@ -149,9 +153,9 @@ def test_submit_batch_file_and_stdin(cli: Processes, tmp_path: Path) -> None:
     assert "maxAttempts" in zero_attempts["error"]["message"]
     assert "'prio'" in unknown["error"]["message"]
     assert "not valid JSON" in not_json["error"]["message"]
-    a = httpx.get(f"{url(cli)}/v1/jobs/{first['jobId']}").json()
+    a = get_job(cli, first["jobId"])
     assert (a["type"], a["priority"]) == ("batch-a", 5), "a line's own fields win"
-    c = httpx.get(f"{url(cli)}/v1/jobs/{delayed['jobId']}").json()
+    c = get_job(cli, delayed["jobId"])
     assert c["type"] == "batch-default" and c["runAt"] > c["createdAt"] + 50_000
 
     piped = "\n".join(json.dumps({"payload": n}) for n in range(3))
@@ -170,9 +174,9 @@ def test_submit_batch_file_and_stdin(cli: Processes, tmp_path: Path) -> None:
 def test_submit_scheduled_delayed_and_keyed(cli: Processes) -> None:
     run_at = int(time.time() * 1000) + 3_600_000
     scheduled = run_json(cli, "submit", "{}", "--type", "later", "--run-at", str(run_at))
-    assert httpx.get(f"{url(cli)}/v1/jobs/{scheduled['jobId']}").json()["runAt"] == run_at
+    assert get_job(cli, scheduled["jobId"])["runAt"] == run_at
     iso = run_json(cli, "submit", "{}", "--type", "later", "--run-at", "2099-01-01T00:00:00+01:00")
-    assert run_json(cli, "job", iso["jobId"])["runAt"] == 4070905200000
+    assert get_job(cli, iso["jobId"])["runAt"] == 4070905200000
     naive = cli.run("submit", "{}", "--run-at", "2099-01-01T00:00:00")
     assert naive.returncode == 2 and "timezone" in naive.stderr
 
@@ -180,7 +184,7 @@ def test_submit_scheduled_delayed_and_keyed(cli: Processes) -> None:
     again = cli.run("submit", '{"order": 2}', "--key", "order-1", "--transport", "ws")
     job_id = first.stdout.strip()
     assert again.stdout.strip() == f"{job_id} (duplicate of an earlier submit)"
-    assert run_json(cli, "job", job_id)["payload"] == {"order": 1}
+    assert get_job(cli, job_id)["payload"] == {"order": 1}
 
 
 def test_worker_retry_policy_option(cli: Processes) -> None:
@@ -190,11 +194,11 @@ def test_worker_retry_policy_option(cli: Processes) -> None:
     worker = cli.start("worker", "--types", "fail", env={"WORKER_RETRY": "fail=fixed:60 *=fixed:1"})
 
     def failed_once() -> bool:
-        return httpx.get(f"{url(cli)}/v1/jobs/{job_id}").json().get("lastError") is not None
+        return get_job(cli, job_id).get("lastError") is not None
 
     wait_for(failed_once, 20, "the first failure")
     reported_ms = int(time.time() * 1000)
-    job = httpx.get(f"{url(cli)}/v1/jobs/{job_id}").json()
+    job = get_job(cli, job_id)
     assert (job["status"], job["attempts"], job["lastError"]) == (
         "unclaimed", 1, "RuntimeError: nope",
     )  # fmt: skip
