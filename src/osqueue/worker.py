@@ -264,6 +264,7 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._work_seen = asyncio.Event()
         self._claiming = 0
+        self._long_polls: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
         self._started = False
         self._rng = random.Random()
@@ -361,12 +362,16 @@ class Worker:
         ]
         stopping = asyncio.ensure_future(self._stop.wait())
         try:
-            # On stop, abandon claims still waiting at the broker: it releases a waiting
-            # claim when its client goes away, so nothing is claimed after the stop.
             await asyncio.wait([*claimers, stopping], return_when=asyncio.FIRST_COMPLETED)
             for claimer in claimers:
                 if claimer.done() and not claimer.cancelled():
                     claimer.result()  # a claimer that crashed re-raises here
+            # A claim waiting at the broker is abandoned: the broker releases a waiting
+            # claim when its client goes away. A plain claim may already be committing,
+            # so it is awaited, and a job it brings is given back at once.
+            for claimer in self._long_polls:
+                claimer.cancel()
+            await asyncio.wait(claimers, timeout=self.give_back_timeout_s)
         finally:
             stopping.cancel()
             for claimer in claimers:
@@ -381,26 +386,49 @@ class Worker:
             await self._wait_for_slot()
             if self._stop.is_set():
                 return
-            self._claiming += 1
-            asked_s = time.monotonic()
-            try:
-                # An idle claimer 0 waits at the broker instead of sleeping between polls:
-                # it hears of a new or newly due job as soon as it is committed.
-                job = await self._claim(self.claim_wait_ms if index == 0 and idle_polls else 0)
-            finally:
-                self._claiming -= 1
+            # An idle claimer 0 waits at the broker instead of sleeping between polls: it
+            # hears of a new or newly due job as soon as it is committed.
+            wait_ms = self.claim_wait_ms if index == 0 and idle_polls else 0
+            asked_at_s = time.monotonic()
+            job = await self._counted_claim(wait_ms)
             if job is None:
                 self._work_seen.clear()
                 if index > 0:
                     continue
                 idle_polls += 1
-                waited_s = time.monotonic() - asked_s
-                if waited_s < self.claim_wait_ms / 2000:  # answered at once: back off
+                if time.monotonic() - asked_at_s < self.claim_wait_ms / 2000:  # at once: back off
                     await self._idle_wait(idle_polls)
                 continue
+            if self._stop.is_set():
+                await self._give_back_unstarted(job)
+                return
             idle_polls = 0
             self._work_seen.set()
             self._start(job)
+
+    async def _counted_claim(self, wait_ms: int) -> ClaimedJob | None:
+        """One claim, counted against the free slots; a waiting one is cancellable on stop."""
+        current = asyncio.current_task()
+        self._claiming += 1
+        if wait_ms and current is not None:
+            self._long_polls.add(current)
+        try:
+            return await self._claim(wait_ms)
+        finally:
+            self._claiming -= 1
+            if current is not None:
+                self._long_polls.discard(current)
+
+    async def _give_back_unstarted(self, job: ClaimedJob) -> None:
+        """A claim answered after the stop: hand the job straight back."""
+        log.info("gave back job %s unstarted: worker stopping", job.job_id)
+        try:
+            await self.client.fail(
+                job.job_id, self.worker_id, f"worker {self.worker_id} stopped before starting it",
+                0, job.attempts,
+            )  # fmt: skip
+        except OsqueueError as exc:
+            log.warning("could not give back job %s: %r", job.job_id, exc)
 
     async def _wait_for_work_seen(self) -> None:
         while not self._work_seen.is_set() and not self._stop.is_set():
