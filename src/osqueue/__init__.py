@@ -5,16 +5,8 @@ them; one broker batches every change into a single compare-and-swap write. Deli
 least once: a job may run again when its worker dies or loses its lease.
 """
 
-from osqueue.broker.server import BrokerConfig, run_broker_in_background
-from osqueue.client import (
-    AsyncOsqueueClient,
-    ClaimedJob,
-    JobSpec,
-    OsqueueClient,
-    SubmitReceipt,
-    Transport,
-)
-from osqueue.engine import EngineConfig
+from typing import TYPE_CHECKING, Any
+
 from osqueue.errors import (
     AuthenticationError,
     BrokerLeadershipError,
@@ -33,10 +25,56 @@ from osqueue.errors import (
     TransportRequestError,
     WorkerExecutionError,
 )
-from osqueue.registry import JobRegistry
-from osqueue.retries import ExponentialBackoff, FixedBackoff
-from osqueue.storage import MemoryStorage, Storage
-from osqueue.worker import FailureAction, JobContext, Worker
+
+if TYPE_CHECKING:
+    from osqueue.broker.server import BrokerConfig, run_broker_in_background
+    from osqueue.client import (
+        AsyncOsqueueClient,
+        ClaimedJob,
+        JobSpec,
+        OsqueueClient,
+        SubmitReceipt,
+        Transport,
+    )
+    from osqueue.engine import EngineConfig
+    from osqueue.registry import JobRegistry
+    from osqueue.retries import ExponentialBackoff, FixedBackoff
+    from osqueue.storage import MemoryStorage, Storage
+    from osqueue.worker import FailureAction, JobContext, Worker
+
+# The rest of the public API is imported on first use, so that `import osqueue` (and every
+# CLI command) does not pay for the broker's web stack or the clients it does not use.
+_LAZY = {
+    "BrokerConfig": "osqueue.broker.server",
+    "run_broker_in_background": "osqueue.broker.server",
+    "AsyncOsqueueClient": "osqueue.client",
+    "ClaimedJob": "osqueue.client",
+    "JobSpec": "osqueue.client",
+    "OsqueueClient": "osqueue.client",
+    "SubmitReceipt": "osqueue.client",
+    "Transport": "osqueue.client",
+    "EngineConfig": "osqueue.engine",
+    "JobRegistry": "osqueue.registry",
+    "ExponentialBackoff": "osqueue.retries",
+    "FixedBackoff": "osqueue.retries",
+    "MemoryStorage": "osqueue.storage",
+    "Storage": "osqueue.storage",
+    "FailureAction": "osqueue.worker",
+    "JobContext": "osqueue.worker",
+    "Worker": "osqueue.worker",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'osqueue' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AsyncOsqueueClient",
