@@ -141,15 +141,12 @@ async def test_silent_leader_is_replaced_fenced_and_watches_again(stack: AsyncEx
         with pytest.raises(BrokerLeadershipError) as caught:
             await client.submit({"n": 2})
     assert caught.value.fields["leader"] == new.broker.address
-    view = old.broker.leadership.view
-    await until(
-        lambda: (
-            (view := old.broker.leadership.view) is not None
-            and view.broker_id == new.broker.broker_id
-        ),
-        "the fenced broker to watch the new leader",
-    )
-    assert view is None or view.broker_id in (new.broker.broker_id, old.broker.broker_id)
+
+    def watching_new_leader() -> bool:
+        view = old.broker.leadership.view
+        return view is not None and view.broker_id == new.broker.broker_id
+
+    await until(watching_new_leader, "the fenced broker to watch the new leader")
 
     # It never writes itself back: across many of its polls the store keeps the new leader.
     for _ in range(20):
@@ -160,14 +157,21 @@ async def test_silent_leader_is_replaced_fenced_and_watches_again(stack: AsyncEx
     assert not old.engine.leader
 
 
-async def test_standby_rides_out_a_failing_store(stack: AsyncExitStack) -> None:
+async def watched_pair(
+    stack: AsyncExitStack,
+) -> tuple[FaultyStorage, FaultyStorage, BrokerHandle]:
+    """A leader and a standby, each with its own faulty view of one shared store; returns
+    (leader's view, standby's view, standby) once the standby has looked at the store."""
     shared = MemoryStorage()
-    standby_view = FaultyStorage(shared)
-    leader_view = FaultyStorage(shared)
+    leader_view, standby_view = FaultyStorage(shared), FaultyStorage(shared)
     await start(stack, leader_view, config(standby=False))
     standby = await start(stack, standby_view, config(standby=True))
     await until(lambda: standby.broker.leadership.view is not None, "the standby to look")
+    return leader_view, standby_view, standby
 
+
+async def test_standby_rides_out_a_failing_store(stack: AsyncExitStack) -> None:
+    leader_view, standby_view, standby = await watched_pair(stack)
     standby_view.fail_next("read", "backend", times=1_000_000)  # every read fails
     await until(
         lambda: standby_view.injected["backend"] >= 10, "failed reads past the retry deadline"
@@ -179,20 +183,14 @@ async def test_standby_rides_out_a_failing_store(stack: AsyncExitStack) -> None:
 
 
 async def test_takeover_whose_reply_was_lost_counts_once(stack: AsyncExitStack) -> None:
-    shared = MemoryStorage()
-    leader_view = FaultyStorage(shared)
-    standby_view = FaultyStorage(shared)
-    await start(stack, leader_view, config(standby=False))
-    standby = await start(stack, standby_view, config(standby=True))
-    await until(lambda: standby.broker.leadership.view is not None, "the standby to look")
-
+    leader_view, standby_view, standby = await watched_pair(stack)
     standby_view.lose_next_reply("write")  # its first write is the takeover
     leader_view.set_latency(2 * LEADER_TIMEOUT_MS)
     await until(lambda: standby.engine.leader, "the standby to take over")
     leader_view.clear()
 
     assert standby_view.injected["lose_reply"] == 1
-    doc = await stored(shared)
+    doc = await stored(standby_view)
     assert doc["brokerId"] == standby.broker.broker_id
     assert doc["epoch"] == 2
 
