@@ -108,11 +108,6 @@ class Leadership:
         self.takeover_ms: int | None = None
         self._stop_watching = asyncio.Event()
 
-    @property
-    def known_leader(self) -> str | None:
-        """The leader's address as far as this broker knows (its own while it leads)."""
-        return self.engine.known_leader
-
     def stop_watching(self) -> None:
         """Make :meth:`acquire` give up at its next step (the broker is shutting down)."""
         self._stop_watching.set()

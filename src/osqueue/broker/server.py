@@ -138,18 +138,19 @@ class Broker:
         as a non-leader until a write lands again or a conflict tells it who leads now, so
         it never serves stale reads as the leader after a standby may have taken over.
         """
-        engine = self.engine
-        unconfirmed_ms = (time.monotonic() - engine.confirmed_at) * 1000
-        return engine.leader and unconfirmed_ms < self.config.heartbeat_timeout_ms
+        return self.engine.leader and self._unconfirmed_ms() < self.config.heartbeat_timeout_ms
+
+    def _unconfirmed_ms(self) -> int:
+        """Milliseconds since the last write known to have landed was sent."""
+        return int((time.monotonic() - self.engine.confirmed_at) * 1000)
 
     def not_leader_error(self) -> BrokerLeadershipError:
         """The 503 of a broker that does not lead (see :meth:`leads_now`): the leader's
         address in ``leader``, and this broker's view of the leadership beside it."""
         facts = self.describe()
         if self.engine.leader:
-            unconfirmed_ms = int((time.monotonic() - self.engine.confirmed_at) * 1000)
             message = (
-                f"this broker's last write landed {unconfirmed_ms} ms ago, longer than the "
+                f"this broker's last write landed {self._unconfirmed_ms()} ms ago, longer than the "
                 "leader timeout: another broker may lead now; ask again shortly"
             )
             leader = None
