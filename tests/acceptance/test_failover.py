@@ -355,11 +355,12 @@ def check_leader_history(load: Load, old_id: str, new_id: str) -> None:
 
 
 def file_lock_is_free(store_dir: Path) -> bool:
-    """Whether no process holds the file store's lock (a paused writer would hold it)."""
+    """Whether no process holds the file store's lock, shared or exclusive (a paused
+    reader would hold up writers, a paused writer everyone)."""
     lock = store_dir / ".versions" / f"{STATE_KEY}.lock"
     fd = os.open(lock, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     finally:
