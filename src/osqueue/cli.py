@@ -67,9 +67,15 @@ def _setup_logging(level: str) -> None:
 
 
 def _storage(url: str | None) -> Any:
-    from osqueue.storage import open_storage, storage_from_env
+    """The store ``--storage`` (or ``STORAGE_URL``) names, else the one the environment
+    configures. Either way the backend's variables apply (``S3_REGION``,
+    ``S3_ENDPOINT_URL``, ``STORAGE_EMULATOR_HOST``, the ``S3_MAX_*`` throttles); a URL
+    takes precedence over ``STORAGE_BACKEND``."""
+    from osqueue.storage import storage_from_env
 
-    return open_storage(url) if url else storage_from_env(os.environ)
+    if not url:
+        return storage_from_env(os.environ)
+    return storage_from_env({**os.environ, "STORAGE_URL": url, "STORAGE_BACKEND": ""})
 
 
 url_option = click.option(
