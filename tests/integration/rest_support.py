@@ -1,4 +1,4 @@
-"""Support for the REST tests: a recording store, a strict JSON reader, and
+"""Support for the REST tests: a recording wrapper around any store, a strict JSON reader, and
 :class:`RestBroker`, an HTTP client on a broker with a ledger that checks I1-I4.
 
 The ledger notes every acknowledged submit, every claim handed out and every completion,
@@ -7,9 +7,11 @@ so that a scenario can end with ``await broker.check_invariants()``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import ssl
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ import httpx
 from osqueue.broker.server import BrokerConfig, BrokerHandle
 from osqueue.engine import Engine, EngineConfig
 from osqueue.errors import StorageBackendError
-from osqueue.storage.base import STATE_KEY
+from osqueue.storage.base import STATE_KEY, Storage, Versioned
 from osqueue.storage.memory import MemoryStorage
 
 _TLS = ssl.create_default_context()
@@ -31,36 +33,76 @@ LEADER_TIMEOUT_MS = 3_000
 BROKER_HEARTBEAT_MS = 500
 
 
-class RecordingStorage(MemoryStorage):
-    """A memory store that keeps the bytes of every successful write, in order.
+class RecordingStorage(Storage):
+    """Wraps any store and keeps the bytes of every successful write, in order.
 
-    Setting ``failing`` makes every write raise StorageBackendError before storing.
+    ``history`` holds what was written (creates too), ``write_starts`` the monotonic time
+    each write or create was sent, and ``failing = True`` makes every write raise
+    StorageBackendError before it reaches the store. Reads pass straight through.
+
+    :meth:`document` is the last document written through this wrapper (synchronous, for
+    polled conditions); :meth:`stored_document` reads the store itself and checks that it
+    holds exactly one of the writes recorded here, bytes and version.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, inner: Storage | None = None) -> None:
+        self.inner = inner if inner is not None else MemoryStorage()
+        self.name = self.inner.name
+        self.min_write_interval_ms = self.inner.min_write_interval_ms
         self.history: list[bytes] = []
+        self.write_starts: list[float] = []
         self.failing = False
+        self._by_version: dict[str, bytes] = {}
+
+    async def read(self, key: str) -> Versioned | None:
+        return await self.inner.read(key)
 
     async def write(self, key: str, data: bytes, expected_version: str) -> str:
-        if self.failing:
-            raise StorageBackendError("injected write failure")
-        version = await super().write(key, data, expected_version)
-        self.history.append(data)
-        return version
+        self._start_write()
+        return self._record(data, await self.inner.write(key, data, expected_version))
 
     async def create_if_not_exists(self, key: str, data: bytes) -> str:
+        self._start_write()
+        return self._record(data, await self.inner.create_if_not_exists(key, data))
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+    def _start_write(self) -> None:
         if self.failing:
             raise StorageBackendError("injected write failure")
-        version = await super().create_if_not_exists(key, data)
-        self.history.append(data)
+        self.write_starts.append(time.monotonic())
+
+    def _record(self, data: bytes, version: str) -> str:
+        self.history.append(bytes(data))
+        self._by_version[version] = bytes(data)
         return version
 
     def stored_bytes(self) -> bytes:
-        return self._objects[STATE_KEY][0]
+        """The bytes of the last write recorded here."""
+        assert self.history, "nothing has been written through this store"
+        return self.history[-1]
 
     def document(self) -> dict[str, Any]:
+        """The last document written through this wrapper, parsed strictly."""
         return strict_json(self.stored_bytes())
+
+    async def read_stored_bytes(self) -> bytes:
+        """What the store holds now, checked to be a write recorded here."""
+        stored = await self.inner.read(STATE_KEY)
+        assert stored is not None, "the store holds no queue document"
+        recorded = self._by_version.get(stored.version)
+        assert recorded == stored.data, (
+            f"the store holds version {stored.version!r}, which is not a write recorded here"
+        )
+        return stored.data
+
+    async def stored_document(self) -> dict[str, Any]:
+        """The document the store holds now, parsed strictly (see read_stored_bytes)."""
+        return strict_json(await self.read_stored_bytes())
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -165,8 +207,9 @@ class RestBroker:
 
     async def check_invariants(self) -> None:
         """I1-I4 of the failure cases, against the stored document and the ledger."""
-        # I3: the stored state parses strictly and the broker still answers.
-        doc = self.storage.document()
+        # I3: the stored state parses strictly and the broker still answers. It is read from
+        # the store itself (S3, GCS...), and must be one of this test's recorded writes.
+        doc = await self.storage.stored_document()
         assert (await self.http.get("/healthz")).status_code == 200
         live = {job["id"]: job for job in doc["jobs"]}
         dead = {job["id"]: job for job in doc.get("dead", [])}
@@ -193,6 +236,23 @@ class RestBroker:
 
 
 BrokerFactory = Callable[..., Awaitable[RestBroker]]
+
+
+@dataclass
+class BrokerStore:
+    """The backend a test runs on; :meth:`new` opens an empty store on it."""
+
+    name: str
+    _open: Callable[..., Storage]
+    _count: itertools.count[int] = field(default_factory=itertools.count)
+
+    def new(self, **options: Any) -> Storage:
+        """A new, empty store (a prefix of its own in this test's bucket).
+
+        ``options`` go to the backend's constructor (``latency_ms`` for memory,
+        ``min_write_interval_ms`` for GCS...).
+        """
+        return self._open(f"broker-{next(self._count)}", **options)
 
 
 def broker_config(

@@ -1,4 +1,5 @@
-"""Clients and workers against a real broker on loopback (memory store)."""
+"""Clients and workers against a real broker on loopback, on each backend of ``store``
+(memory, S3 on moto, GCS on fake-gcs-server: see tests/integration/conftest.py)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from osqueue.errors import (
     WorkerExecutionError,
 )
 from osqueue.registry import JobRegistry
-from osqueue.storage.memory import MemoryStorage
 from osqueue.worker import FailureAction, JobContext, Worker
+from tests.integration.rest_support import BrokerStore
 
 WAIT_S = 10.0  # upper bound on any single wait; the tests normally finish in milliseconds
 
@@ -44,8 +45,8 @@ def broker_config(job_timeout_ms: int = 30_000) -> BrokerConfig:
 
 
 @pytest.fixture
-async def broker() -> AsyncIterator[BrokerHandle]:
-    async with run_broker_in_background(MemoryStorage(), broker_config()) as handle:
+async def broker(store: BrokerStore) -> AsyncIterator[BrokerHandle]:
+    async with run_broker_in_background(store.new(), broker_config()) as handle:
         yield handle
 
 
@@ -377,13 +378,13 @@ async def test_cancelled_job_cancels_its_handler_without_a_report(
     assert (stats["total"], stats["completedTotal"], stats["dead"]) == (0, 0, 0)
 
 
-async def test_expired_lease_is_fenced_by_attempt() -> None:
+async def test_expired_lease_is_fenced_by_attempt(store: BrokerStore) -> None:
     # Job timeout 1 s, heartbeats every 1.5 s: the first run's lease expires and the same
     # worker claims the job again (attempt 2). The first run's heartbeat carries attempt 1
     # and the same worker id: it must be refused (fenced by attempt) and its handler
     # cancelled, and only then does the second run finish and complete the job.
     async with (
-        run_broker_in_background(MemoryStorage(), broker_config(job_timeout_ms=1000)) as broker,
+        run_broker_in_background(store.new(), broker_config(job_timeout_ms=1000)) as broker,
         AsyncOsqueueClient(broker.url) as client,
     ):
         journal = Journal()

@@ -54,7 +54,7 @@ async def test_state_is_the_document_as_last_committed(broker: RestBroker) -> No
     job_id = await broker.submit({"n": 1})
     response = await broker.http.get("/state")
     assert response.status_code == 200
-    assert response.content == broker.storage.stored_bytes()
+    assert response.content == await broker.storage.read_stored_bytes()
     doc = strict_json(response.content)
     assert [j["id"] for j in doc["jobs"]] == [job_id]
     assert doc["broker"] == broker.handle.broker.address
@@ -135,6 +135,7 @@ async def test_claim_answers_the_job_with_attempts(broker: RestBroker) -> None:
         "type": "A",
         "attempts": 1,
         "maxAttempts": 5,
+        "timeoutMs": 2_000,
     }
     assert await broker.claim("w2") == {}
 
@@ -457,7 +458,7 @@ async def test_f16_bad_submits_inside_a_batch_fail_alone(broker: RestBroker) -> 
         assert answer["error"]["message"]
     for answer in (good, last):
         broker.ledger.max_attempts[answer["jobId"]] = 3
-    stored = broker.storage.document()  # strict: no NaN, no Infinity, valid UTF-8
+    stored = await broker.storage.stored_document()  # strict: no NaN, no Infinity, UTF-8
     assert [j["payload"] for j in stored["jobs"]] == ["good-1", "good-2"]
     await broker.check_invariants()
 
@@ -518,7 +519,7 @@ async def test_f18_malformed_requests_get_4xx_and_leave_the_state_alone(
 ) -> None:
     broker = await start_broker(broker_heartbeat_interval_ms=60_000)
     await broker.submit("existing")
-    version, stored = broker.engine.version, broker.storage.stored_bytes()
+    version, stored = broker.engine.version, await broker.storage.read_stored_bytes()
 
     for method, path, body, headers, status in MALFORMED:
         response = await broker.http.request(method, path, content=body, headers=headers)
@@ -528,7 +529,7 @@ async def test_f18_malformed_requests_get_4xx_and_leave_the_state_alone(
         assert isinstance(error["_tag"], str) and isinstance(error["message"], str), label
         assert broker.engine.version == version, label
 
-    assert broker.storage.stored_bytes() == stored
+    assert await broker.storage.read_stored_bytes() == stored
     assert (await broker.http.get("/healthz")).status_code == 200
     assert await broker.submit("valid right after")
     await broker.check_invariants()

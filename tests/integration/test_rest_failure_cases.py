@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -17,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from tests.integration.rest_support import BrokerFactory, RestBroker, strict_json
+from osqueue.storage.gcs import DEFAULT_MIN_WRITE_INTERVAL_MS
+from tests.integration.rest_support import (
+    BrokerFactory,
+    BrokerStore,
+    RecordingStorage,
+    RestBroker,
+    strict_json,
+)
 
 WORKER_HEARTBEAT_S = 0.5
 
@@ -294,4 +302,48 @@ async def test_f19_redelivered_job_keeps_its_id_and_counts_attempts(
     assert (second["jobId"], second["attempts"]) == (job_id, 2)
     assert second["payload"] == first["payload"] == {"order": 42}
     assert (await broker.lease("complete", job_id, "w2")).status_code == 204
+    await broker.check_invariants()
+
+
+@pytest.mark.stores(
+    "gcs", reason="GCS's own limit: about one write a second to one object (F12, real pacing)"
+)
+async def test_f12_gcs_broker_writes_the_queue_at_most_once_a_second(
+    store: BrokerStore, start_broker: BrokerFactory
+) -> None:
+    """GCSStorage at its default pacing, 1 s (the rest of the suite uses 20 ms on the
+    emulator).
+    20 producers submit as fast as they are answered for about 3.5 s: the broker never
+    starts two writes of the queue less than a second apart, every submit is answered
+    within about one write interval, and each write carries many of them."""
+    assert DEFAULT_MIN_WRITE_INTERVAL_MS == 1_000
+    gcs = store.new(min_write_interval_ms=DEFAULT_MIN_WRITE_INTERVAL_MS)
+    broker = await start_broker(RecordingStorage(gcs))
+    producers, load_s = 20, 3.5
+    latencies: list[float] = []
+
+    async def produce(n: int) -> None:
+        async with broker.new_client() as http:
+            deadline = time.monotonic() + load_s
+            while time.monotonic() < deadline:
+                sent = time.monotonic()
+                response = await http.post("/v1/jobs", json={"payload": n})
+                assert response.status_code == 200, response.text
+                latencies.append(time.monotonic() - sent)
+                broker.ledger.max_attempts[response.json()["jobId"]] = 3
+
+    first_write = len(broker.storage.write_starts)
+    started = time.monotonic()
+    await asyncio.gather(*(produce(n) for n in range(producers)))
+    elapsed = time.monotonic() - started
+
+    starts = broker.storage.write_starts
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    assert min(gaps) >= 0.98, gaps  # every write, the takeover and heartbeats included
+    load_writes = len(starts) - first_write
+    assert load_writes <= elapsed + 1, (load_writes, elapsed)
+    assert len(latencies) >= 5 * load_writes  # batched: many submits per write
+    assert max(latencies) < 2.5, max(latencies)  # a submit waits at most ~one interval
+    stored = await broker.storage.stored_document()
+    assert len(stored["jobs"]) == len(latencies)
     await broker.check_invariants()
