@@ -504,10 +504,10 @@ async def test_failover_on_s3(
     s3_storage_factory: S3Factory,
 ) -> None:
     env = {
-        "STORAGE_URL": f"s3://{s3_bucket}/osqueue-test",
+        "STORAGE_URL": f"s3://{s3_bucket}/failover",
         "S3_ENDPOINT_URL": moto_s3.url,
         "S3_REGION": MOTO_REGION,
         "AWS_ACCESS_KEY_ID": MOTO_KEY_ID,
         "AWS_SECRET_ACCESS_KEY": MOTO_SECRET,
     }
-    await run_failover(scenario, procs, env, s3_storage_factory())
+    await run_failover(scenario, procs, env, s3_storage_factory("failover"))
