@@ -47,6 +47,10 @@ DEFAULT_DEAD_LIMIT = 1000
 DEFAULT_IDEMPOTENCY_RETENTION_MS = 24 * 3600 * 1000
 #: Idempotency keys remembered at most, whatever the retention: the oldest go first.
 MAX_IDEMPOTENCY_KEYS = 100_000
+#: Keys a client made up only to make its own retries safe ("auto:..."): they need to
+#: outlive a retry, not a day.
+AUTO_KEY_PREFIX = "auto:"
+AUTO_KEY_RETENTION_MS = 10 * 60 * 1000
 RETRY_BASE_MS = 1000
 RETRY_CAP_MS = 5 * 60 * 1000
 #: Heap entries pushed (beyond twice the live jobs) before stale entries are swept out.
@@ -342,7 +346,10 @@ class QueueState:
             job["priority"] = spec.priority
         if key is not None:
             job["idempotencyKey"] = key
-            self.idempotency[key] = [job_id, now_ms + self.idempotency_retention_ms]
+            retention_ms = self.idempotency_retention_ms
+            if key.startswith(AUTO_KEY_PREFIX):
+                retention_ms = min(retention_ms, AUTO_KEY_RETENTION_MS)
+            self.idempotency[key] = [job_id, now_ms + retention_ms]
         self._add(job, now_ms)
         self.changes += 1
         return SubmitResult(job_id)

@@ -473,13 +473,21 @@ async def test_committed_submit_whose_reply_is_lost_is_retried_into_one_job(
         assert [j["id"] for j in listing["jobs"]] == [receipt.job_id]
         assert listing["jobs"][0]["payload"] == {"order": 7}
 
-    # Without a key the client cannot know whether the job was made, so it does not resend.
-    unkeyed = LoseFirstReply(make_transport(transport_name, server.url))
-    async with AsyncOsqueueClient(server.url, transport=unkeyed) as client:
-        with pytest.raises(TransportConnectionError):
-            await client.submit({"order": 8})
-        assert unkeyed.calls == ["submitJob"]
+    # Without a key of the caller's, the client makes one up: the retry is just as safe.
+    auto = LoseFirstReply(make_transport(transport_name, server.url))
+    async with AsyncOsqueueClient(server.url, transport=auto) as client:
+        receipt = await client.submit_with_receipt({"order": 8})
+        assert auto.calls == ["submitJob", "submitJob"]
+        assert not receipt.duplicate, "one submit, as far as the caller knows"
         assert (await client.stats())["total"] == 2
+
+    # With keys turned off the client cannot know whether the job was made: no resend.
+    unkeyed = LoseFirstReply(make_transport(transport_name, server.url))
+    async with AsyncOsqueueClient(server.url, transport=unkeyed, auto_idempotency=False) as client:
+        with pytest.raises(TransportConnectionError):
+            await client.submit({"order": 9})
+        assert unkeyed.calls == ["submitJob"]
+        assert (await client.stats())["total"] == 3
 
 
 async def test_idempotency_keys_expire_after_the_retention_window(

@@ -3,6 +3,7 @@ against httpx.MockTransport (no network)."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -297,10 +298,21 @@ async def test_submit_without_key_is_not_retried_when_it_may_have_landed(
     failure: Responder,
 ) -> None:
     broker = MockBroker(failure, answer(200, {"jobId": "j2"}))
-    async with broker.client() as client:
+    async with broker.client(auto_idempotency=False) as client:
         with pytest.raises((StorageBackendError, TransportConnectionError)):
             await client.submit({"a": 1})
     assert len(broker.requests) == 1
+
+
+@pytest.mark.parametrize("failure", [STORAGE_DOWN, raise_(httpx.ReadTimeout)])
+async def test_submit_gets_a_key_of_its_own_so_a_retry_is_safe(failure: Responder) -> None:
+    broker = MockBroker(failure, answer(200, {"jobId": "j2", "duplicate": True}))
+    async with broker.client() as client:
+        receipt = await client.submit_with_receipt({"a": 1})
+    keys = [json.loads(request.content)["idempotencyKey"] for request in broker.requests]
+    assert len(keys) == 2 and keys[0] == keys[1] and keys[0].startswith("auto:")
+    # the broker found the first attempt's job: to the caller that is one submit
+    assert receipt == SubmitReceipt("j2", duplicate=False)
 
 
 @pytest.mark.parametrize("failure", [NOT_LEADER, raise_(httpx.ConnectError)])
@@ -397,7 +409,7 @@ async def test_batch_results_keep_errors_in_place() -> None:
 
 async def test_submit_sends_optional_fields_only_when_given() -> None:
     broker = MockBroker(answer(200, {"jobId": "j"}))
-    async with broker.client() as client:
+    async with broker.client(auto_idempotency=False) as client:
         await client.submit("p")
         await client.submit("p", type="t", max_attempts=5, delay_s=1.5, priority=2)
         await client.submit("p", delay_ms=20, run_at=1_700_000_000_000, idempotency_key="k")

@@ -46,3 +46,11 @@ def test_keys_survive_a_document_round_trip() -> None:
     state.submit(spec("k"), "job-1", now_ms=0)
     reloaded = QueueState.from_document(state.to_document())
     assert reloaded.submit(spec("k"), "job-2", now_ms=1).job_id == "job-1"
+
+
+def test_client_made_keys_are_kept_only_briefly() -> None:
+    state = QueueState(idempotency_retention_ms=24 * 3600 * 1000)
+    state.submit(spec("auto:abc"), "j1", now_ms=0)
+    assert state.idempotency["auto:abc"][1] == state_module.AUTO_KEY_RETENTION_MS
+    state.submit(spec("mine"), "j2", now_ms=0)
+    assert state.idempotency["mine"][1] == 24 * 3600 * 1000

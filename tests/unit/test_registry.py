@@ -146,7 +146,9 @@ class _Recorder:
 async def test_client_validates_and_dumps_on_submit(registry: JobRegistry) -> None:
     recorder = _Recorder()
     transport = RestTransport("http://broker", http_transport=httpx.MockTransport(recorder))
-    async with AsyncOsqueueClient(transport=transport, registry=registry) as client:
+    async with AsyncOsqueueClient(
+        transport=transport, registry=registry, auto_idempotency=False
+    ) as client:
         assert await client.submit(ResizeArgs(path="p", width=2)) == "j1"
         await client.submit({"path": "q", "width": 5}, type="resize")
         with pytest.raises(BrokerProtocolError, match="width"):
@@ -167,7 +169,7 @@ async def test_client_validates_and_dumps_on_submit(registry: JobRegistry) -> No
 async def test_client_without_registry_dumps_models() -> None:
     recorder = _Recorder()
     transport = RestTransport("http://broker", http_transport=httpx.MockTransport(recorder))
-    async with AsyncOsqueueClient(transport=transport) as client:
+    async with AsyncOsqueueClient(transport=transport, auto_idempotency=False) as client:
         await client.submit(ResizeArgs(path="p", width=2), type="resize")
     assert recorder.bodies == [
         {"payload": {"path": "p", "width": 2, "height": 100}, "type": "resize"}

@@ -24,7 +24,7 @@ Method = Callable[["Broker", dict[str, Any]], Awaitable[dict[str, Any]]]
 
 def _leader_only(broker: Broker) -> None:
     """Reads answer from memory, so a standby must refuse them itself, as REST does."""
-    if not broker.engine.leader:
+    if not broker.leads_now():
         raise broker.not_leader_error()
 
 

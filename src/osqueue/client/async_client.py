@@ -8,10 +8,12 @@ for every transport.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -48,6 +50,8 @@ log = logging.getLogger("osqueue.client")
 
 DEFAULT_BROKER_URL: Final = "http://localhost:8080"
 DEFAULT_MAX_ATTEMPTS: Final = 3
+#: Keys the client makes up for submits without one; the broker keeps them only briefly.
+AUTO_KEY_PREFIX: Final = "auto:"
 
 FailReason = Literal["failed", "invalid_payload"]
 
@@ -205,7 +209,9 @@ class AsyncOsqueueClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retry: ClientRetry | None = None,
         discover: Discover | None = None,
+        auto_idempotency: bool = True,
     ) -> None:
+        self.auto_idempotency = auto_idempotency
         self.url = normalize_base_url(url or os.environ.get("BROKER_URL") or DEFAULT_BROKER_URL)
         self.registry = registry
         self.retry = retry or ClientRetry()
@@ -381,24 +387,30 @@ class AsyncOsqueueClient:
         ``payload`` is any JSON value, or a pydantic model instance (sent as its JSON dump;
         with a registry its type is found from its class).
         """
+        key = idempotency_key or self._auto_key()
         spec = JobSpec(
-            payload,
-            type,
-            max_attempts,
-            _delay_ms(delay_s, delay_ms),
-            run_at,
-            priority,
-            idempotency_key,
+            payload, type, max_attempts, _delay_ms(delay_s, delay_ms), run_at, priority, key
         )
-        answer = await self.call(
-            "submitJob", self._submit_body(spec), idempotent=idempotency_key is not None
-        )
-        return SubmitReceipt.from_wire(answer)
+        answer = await self.call("submitJob", self._submit_body(spec), idempotent=key is not None)
+        receipt = SubmitReceipt.from_wire(answer)
+        if idempotency_key is None and receipt.duplicate:
+            # our own retry found the first attempt's job: to the caller it is one submit
+            receipt = dataclasses.replace(receipt, duplicate=False)
+        return receipt
+
+    def _auto_key(self) -> str | None:
+        """A fresh key for a submit without one, so that a retry cannot make a second job."""
+        return f"{AUTO_KEY_PREFIX}{uuid.uuid4().hex}" if self.auto_idempotency else None
 
     async def submit_batch(self, jobs: Iterable[JobSpec]) -> list[SubmitReceipt | OsqueueError]:
         """Submit several jobs in one durable write. Results come back in order: a receipt
         for each accepted job, the error (not raised) for each refused one."""
-        specs = list(jobs)
+        specs = [
+            spec
+            if spec.idempotency_key or not self.auto_idempotency
+            else dataclasses.replace(spec, idempotency_key=self._auto_key())
+            for spec in jobs
+        ]
         body = {"jobs": [self._submit_body(spec) for spec in specs]}
         keyed = bool(specs) and all(spec.idempotency_key is not None for spec in specs)
         answer = await self.call("submitBatch", body, idempotent=keyed)

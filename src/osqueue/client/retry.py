@@ -43,7 +43,8 @@ class ClientRetry:
     new attempt that would start after ``deadline_s`` from the first. ``deadline_s=0``
     turns retries off."""
 
-    deadline_s: float = 10.0
+    #: Longer than a failover with default timings (leader timeout 10 s plus discovery).
+    deadline_s: float = 30.0
     base_s: float = 0.05
     cap_s: float = 2.0
 

@@ -82,6 +82,7 @@ class OsqueueClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retry: ClientRetry | None = None,
         discover: Discover | None = None,
+        auto_idempotency: bool = True,
     ) -> None:
         self._loop = _LoopThread()
         self._closed = False
@@ -95,6 +96,7 @@ class OsqueueClient:
                 timeout_s=timeout_s,
                 retry=retry,
                 discover=discover,
+                auto_idempotency=auto_idempotency,
             )
 
         try:
