@@ -2,7 +2,8 @@
 client on it.
 
 Every test that uses ``store`` (directly, or through ``start_broker`` / ``broker``) runs
-once per backend in :data:`STORES`: the in-process memory store, S3 (moto in server mode)
+once per backend in :data:`STORES`: the in-process memory store, the file store in a
+temporary directory, S3 (moto in server mode)
 and GCS (fake-gcs-server), each a fresh bucket per test. A test that only makes sense on
 some of them says so, with its reason, as ``@pytest.mark.stores("memory", reason="...")``;
 it is then generated for those backends only.
@@ -24,7 +25,7 @@ import httpx
 import pytest
 
 from osqueue.broker.server import run_broker_in_background
-from osqueue.storage import MemoryStorage, Storage
+from osqueue.storage import FileStorage, MemoryStorage, Storage
 from tests.integration.rest_support import (
     BrokerFactory,
     BrokerStore,
@@ -34,7 +35,7 @@ from tests.integration.rest_support import (
 )
 
 #: The backends the broker tests run on.
-STORES = ("memory", "s3", "gcs")
+STORES = ("memory", "file", "s3", "gcs")
 
 #: GCS paces writes to one a second by default (its per-object limit). The emulator has no
 #: such limit, so the suite uses this instead to stay fast; one test keeps the real pacing.
@@ -72,6 +73,9 @@ def store(request: pytest.FixtureRequest) -> BrokerStore:
     name: str = request.param
     if name == "memory":
         return BrokerStore(name, lambda _prefix, **options: MemoryStorage(**options))
+    if name == "file":
+        root = request.getfixturevalue("tmp_path")
+        return BrokerStore(name, lambda prefix, **options: FileStorage(root / prefix, **options))
     factory = request.getfixturevalue(f"{name}_storage_factory")
     if name == "s3":
         return BrokerStore(name, factory)
