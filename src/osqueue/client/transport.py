@@ -19,7 +19,7 @@ answers the decoded JSON result (``{}`` where REST answers 204) and raises osque
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal, Protocol, runtime_checkable
+from typing import Any, Final, Literal, Protocol, get_args, runtime_checkable
 
 __all__ = ["IDEMPOTENT_METHODS", "METHODS", "MethodName", "Transport"]
 
@@ -40,23 +40,7 @@ MethodName = Literal[
 ]
 
 #: Every method a transport must carry.
-METHODS: Final[frozenset[str]] = frozenset(
-    (
-        "submitJob",
-        "submitBatch",
-        "claimJob",
-        "heartbeat",
-        "completeJob",
-        "failJob",
-        "getStats",
-        "listJobs",
-        "getJob",
-        "cancelJob",
-        "listDead",
-        "requeueDead",
-        "purgeDead",
-    )
-)
+METHODS: Final[frozenset[str]] = frozenset(get_args(MethodName))
 
 #: Methods that may be sent twice with the same effect and the same answer. A client
 #: retries these after any retryable error; other methods only when the request surely
