@@ -339,7 +339,7 @@ async def test_standby_refuses_with_the_leaders_address(transport_name: str) -> 
 
 
 async def test_f04_late_heartbeat_and_complete_are_refused(transport_name: str) -> None:
-    async with run_broker_in_background(MemoryStorage(), config(job_timeout_ms=300)) as handle:
+    async with run_broker_in_background(MemoryStorage(), config(job_timeout_ms=1500)) as handle:
         call = make_transport(transport_name, handle.url)
         try:
             job_id = (await call.call("submitJob", {"payload": "j"}))["jobId"]
