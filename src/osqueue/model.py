@@ -7,7 +7,6 @@ The ``TypedDict`` classes below name the fields osqueue itself reads and writes.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, NotRequired, TypedDict
 
 import orjson
@@ -88,23 +87,6 @@ def decode_json(data: bytes | str) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise BrokerProtocolError(f"malformed JSON: {exc}") from exc
-
-
-def find_non_finite(value: Any, path: str = "$") -> str | None:
-    """The JSON path of the first NaN or infinite float inside ``value``, or None."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else path
-    if isinstance(value, dict):
-        for k, v in value.items():
-            hit = find_non_finite(v, f"{path}.{k}")
-            if hit:
-                return hit
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            hit = find_non_finite(v, f"{path}[{i}]")
-            if hit:
-                return hit
-    return None
 
 
 def encode_state(doc: dict[str, Any]) -> bytes:
