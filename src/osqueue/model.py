@@ -89,8 +89,8 @@ def decode_json(data: bytes | str) -> Any:
         raise BrokerProtocolError(f"malformed JSON: {exc}") from exc
 
 
-def encode_state(doc: dict[str, Any]) -> bytes:
-    """The bytes of the state document (compact, UTF-8)."""
+def encode_state(doc: dict[str, Any] | list[Any]) -> bytes:
+    """The bytes of the state document, or of a piece of it (compact, UTF-8)."""
     try:
         return orjson.dumps(doc)
     except (TypeError, orjson.JSONEncodeError) as exc:

@@ -11,6 +11,8 @@ Indexes (rebuilt by :meth:`QueueState.from_document`):
   heaps of those types, so its cost does not grow with the backlog of other types.
 * ``_delayed``: a heap of jobs whose ``runAt`` is in the future, promoted when due.
 * ``_leases``: in-progress job ids in heartbeat order, so expiry looks only at the front.
+* ``_blocks``: the jobs array cut into blocks of consecutive jobs, each with its JSON cached
+  until a transition touches one of its jobs, so a commit re-encodes only what changed.
 
 Heap entries are invalidated lazily: each carries the job's generation, bumped whenever the
 job leaves or re-enters the claimable set, and stale entries are dropped when they surface.
@@ -55,6 +57,10 @@ RETRY_BASE_MS = 1000
 RETRY_CAP_MS = 5 * 60 * 1000
 #: Heap entries pushed (beyond twice the live jobs) before stale entries are swept out.
 COMPACTION_MIN_PUSHES = 1024
+#: Jobs per encoding block. A block is re-encoded whole when one of its jobs changes, and a
+#: commit joins one piece per block: 256 keeps both the re-encoding (about 50 KB) and the
+#: number of pieces (400 for 100,000 jobs) small.
+JOBS_PER_BLOCK = 256
 
 _Entry = tuple[int, int, str, int]  # (-priority, seq, job id, generation)
 _DelayedEntry = tuple[int, int, str, int]  # (runAt, seq, job id, generation)
@@ -105,6 +111,7 @@ class QueueState:
         *,
         dead_limit: int = DEFAULT_DEAD_LIMIT,
         idempotency_retention_ms: int = DEFAULT_IDEMPOTENCY_RETENTION_MS,
+        jobs_per_block: int = JOBS_PER_BLOCK,
     ) -> None:
         self.dead_limit = dead_limit
         self.idempotency_retention_ms = idempotency_retention_ms
@@ -129,7 +136,9 @@ class QueueState:
         self._ready_by_type: dict[str | None, list[_Entry]] = {}
         self._delayed: list[_DelayedEntry] = []
         self._leases: dict[str, None] = {}
-        self._job_bytes: dict[str, bytes] = {}
+        self.jobs_per_block = jobs_per_block
+        self._blocks: dict[int, dict[str, None]] = {}  # block -> its job ids, in order
+        self._block_bytes: dict[int, bytes] = {}  # block -> its jobs' JSON, without brackets
         self._pushes_since_compaction = 0
 
     # -- loading and saving -------------------------------------------------------------
@@ -162,13 +171,13 @@ class QueueState:
         state._leases = dict.fromkeys(by_heartbeat)
         return state
 
-    def to_document(self) -> dict[str, Any]:
+    def to_document(self, *, with_jobs: bool = True) -> dict[str, Any]:
         """The document as plain JSON-ready values (shares the job dicts; encode at once)."""
         doc: dict[str, Any] = dict(self.extra)
+        doc.update(broker=self.broker, brokerHeartbeat=self.broker_heartbeat)
+        if with_jobs:
+            doc["jobs"] = list(self.jobs.values())
         doc.update(
-            broker=self.broker,
-            brokerHeartbeat=self.broker_heartbeat,
-            jobs=list(self.jobs.values()),
             completedTotal=self.completed_total,
             epoch=self.epoch,
             dead=list(self.dead),
@@ -183,33 +192,46 @@ class QueueState:
         return doc
 
     def encode(self) -> bytes:
-        """The document's bytes, re-encoding only the jobs that changed since last time.
+        """The document's bytes (see :meth:`encode_parts`)."""
+        return b"".join(self.encode_parts())
 
-        Each job's JSON is cached until a transition touches the job (``_stale``), and the
-        jobs array is assembled from the cached pieces, so a commit costs a copy of the
-        unchanged jobs rather than a full encode of the document.
+    def encode_parts(self) -> list[bytes]:
+        """The document's bytes in pieces, re-encoding only the blocks of jobs that changed.
+
+        Jobs live in blocks of ``jobs_per_block`` consecutive jobs; each block's JSON is
+        cached until a transition touches one of its jobs, and the jobs array is spliced
+        into the encoded rest of the document. So a commit costs the encoding of the blocks
+        that changed plus, for a store that needs one contiguous body, one join, whatever
+        the queue's size.
         """
-        cache = self._job_bytes
-        pieces = []
-        for job_id, job in self.jobs.items():
-            piece = cache.get(job_id)
+        jobs, cache = self.jobs, self._block_bytes
+        head = encode_state(self.to_document(with_jobs=False))
+        parts = [head[:-1], b',"jobs":[']  # the head is never empty: it holds "broker"
+        first = True
+        for block, members in self._blocks.items():
+            piece = cache.get(block)
             if piece is None:
-                piece = cache[job_id] = orjson.dumps(job)
-            pieces.append(piece)
-        doc = self.to_document()
-        doc["jobs"] = orjson.Fragment(b"[" + b",".join(pieces) + b"]")
-        return encode_state(doc)
+                piece = cache[block] = encode_state([jobs[j] for j in members])[1:-1]
+            if not first:
+                parts.append(b",")
+            parts.append(piece)
+            first = False
+        parts.append(b"]}")
+        return parts
 
     def _stale(self, job_id: str) -> None:
-        self._job_bytes.pop(job_id, None)
+        self._block_bytes.pop(self._seq[job_id] // self.jobs_per_block, None)
 
     # -- index upkeep ---------------------------------------------------------------
 
     def _add(self, job: dict[str, Any], now_ms: int | None) -> None:
         job_id = job["id"]
         self.jobs[job_id] = job
-        self._seq[job_id] = self._next_seq
+        seq = self._seq[job_id] = self._next_seq
         self._next_seq += 1
+        block = seq // self.jobs_per_block
+        self._blocks.setdefault(block, {})[job_id] = None
+        self._block_bytes.pop(block, None)
         if job.get("status") == "in_progress":
             self._leases[job_id] = None
         else:
@@ -270,8 +292,12 @@ class QueueState:
 
     def _forget(self, job_id: str) -> dict[str, Any]:
         job = self.jobs.pop(job_id)
-        self._job_bytes.pop(job_id, None)
-        self._seq.pop(job_id, None)
+        block = self._seq.pop(job_id) // self.jobs_per_block
+        members = self._blocks[block]
+        del members[job_id]
+        if not members:
+            del self._blocks[block]
+        self._block_bytes.pop(block, None)
         self._gen.pop(job_id, None)
         self._leases.pop(job_id, None)
         return job

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -46,6 +46,11 @@ class ProbeStorage(MemoryStorage):
     async def write(self, key: str, data: bytes, expected_version: str) -> str:
         return await self._observe(lambda: MemoryStorage.write(self, key, data, expected_version))
 
+    async def write_parts(self, key: str, parts: Sequence[bytes], expected_version: str) -> str:
+        return await self._observe(
+            lambda: MemoryStorage.write_parts(self, key, parts, expected_version)
+        )
+
     async def create_if_not_exists(self, key: str, data: bytes) -> str:
         return await self._observe(lambda: MemoryStorage.create_if_not_exists(self, key, data))
 
@@ -60,7 +65,7 @@ class ProbeStorage(MemoryStorage):
             if self.failing:
                 raise StorageBackendError("injected write failure")
             version = await call()
-            self.written.append(self._objects[STATE_KEY][0])
+            self.written.append(self.peek(STATE_KEY) or b"")
             if self.lose_replies:
                 self.lose_replies -= 1
                 raise StorageBackendError("injected: stored, but the reply was lost")
@@ -69,8 +74,7 @@ class ProbeStorage(MemoryStorage):
             self.active -= 1
 
     def document(self) -> dict[str, Any]:
-        entry = self._objects[STATE_KEY]
-        return decode_state(entry[0])
+        return decode_state(self.peek(STATE_KEY) or b"")
 
 
 EngineFactory = Callable[..., Awaitable[Engine]]
@@ -293,7 +297,7 @@ async def test_conflict_with_another_leader_fences_the_engine_for_good(
     await engine.execute(submit_op())
     assert await engine.execute(claim_op("w1")) is not None
     await foreign_write(storage, broker="b2:2", brokerId="broker-2", epoch=5)
-    stored_after_takeover = storage._objects[STATE_KEY]
+    stored_after_takeover = storage.peek(STATE_KEY)
 
     with pytest.raises(BrokerLeadershipError) as caught:
         await engine.execute(submit_op("lost"))
@@ -307,7 +311,7 @@ async def test_conflict_with_another_leader_fences_the_engine_for_good(
     writes = len(storage.write_starts)
     await asyncio.sleep(0.4)
     assert len(storage.write_starts) == writes
-    assert storage._objects[STATE_KEY] == stored_after_takeover
+    assert storage.peek(STATE_KEY) == stored_after_takeover
 
 
 async def test_lost_reply_is_recognised_by_commit_id_and_not_applied_twice(

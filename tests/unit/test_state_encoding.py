@@ -48,7 +48,7 @@ def step(state: QueueState, op: str, now: int, rng: random.Random) -> None:
 @given(st.lists(st.sampled_from(OPS), max_size=60), st.integers(0, 2**32))
 def test_incremental_encoding_matches_a_full_encode(ops: list[str], seed: int) -> None:
     rng = random.Random(seed)
-    state = QueueState()
+    state = QueueState(jobs_per_block=rng.choice([1, 3, 256]))
     for now, op in enumerate(ops, start=1):
         step(state, op, now, rng)
         assert orjson.loads(state.encode()) == orjson.loads(full_encode(state)), op

@@ -26,6 +26,7 @@ What an implementation must guarantee:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,14 @@ class Storage(ABC):
 
         Raises CASConflictError if the version differs or the key is absent.
         """
+
+    async def write_parts(self, key: str, parts: Sequence[bytes], expected_version: str) -> str:
+        """:meth:`write` of the concatenation of ``parts``.
+
+        The engine hands the document over in the pieces it caches; a backend that can
+        store them without one contiguous copy (the memory store) overrides this.
+        """
+        return await self.write(key, b"".join(parts), expected_version)
 
     @abstractmethod
     async def create_if_not_exists(self, key: str, data: bytes) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from osqueue.errors import CASConflictError, StorageBackendError
@@ -23,6 +24,9 @@ class _Faults:
 class MemoryStorage(Storage):
     """A dict of versioned objects with a counter as version.
 
+    A document written in parts is kept as those parts (the engine's cached pieces, so
+    nothing is copied) and joined only when it is read.
+
     ``latency_ms`` (plus up to ``jitter_ms``) is slept before every call, and
     ``failure_rate`` is the chance that a call raises StorageBackendError before touching
     anything, so tests and demos can feel a slow or flaky store.
@@ -38,7 +42,7 @@ class MemoryStorage(Storage):
         failure_rate: float = 0.0,
         seed: int | None = None,
     ) -> None:
-        self._objects: dict[str, tuple[bytes, int]] = {}
+        self._objects: dict[str, tuple[bytes | tuple[bytes, ...], int]] = {}
         self._counter = 0
         self.faults = _Faults(
             latency_ms / 1000, jitter_ms / 1000, failure_rate, random.Random(seed)
@@ -57,9 +61,31 @@ class MemoryStorage(Storage):
         await self._delay_and_maybe_fail()
         self.reads += 1
         entry = self._objects.get(key)
-        return None if entry is None else Versioned(entry[0], str(entry[1]))
+        if entry is None:
+            return None
+        data, version = entry
+        if isinstance(data, tuple):
+            data = b"".join(data)
+            self._objects[key] = (data, version)
+        return Versioned(data, str(version))
+
+    def peek(self, key: str) -> bytes | None:
+        """What is stored under ``key`` now, without latency or faults (for tests)."""
+        entry = self._objects.get(key)
+        if entry is None:
+            return None
+        data = entry[0]
+        return b"".join(data) if isinstance(data, tuple) else data
 
     async def write(self, key: str, data: bytes, expected_version: str) -> str:
+        return await self._replace(key, bytes(data), expected_version)
+
+    async def write_parts(self, key: str, parts: Sequence[bytes], expected_version: str) -> str:
+        return await self._replace(key, tuple(bytes(p) for p in parts), expected_version)
+
+    async def _replace(
+        self, key: str, data: bytes | tuple[bytes, ...], expected_version: str
+    ) -> str:
         await self._delay_and_maybe_fail()
         entry = self._objects.get(key)
         if entry is None or str(entry[1]) != expected_version:
@@ -70,10 +96,10 @@ class MemoryStorage(Storage):
         await self._delay_and_maybe_fail()
         if key in self._objects:
             raise CASConflictError(f"{key!r} already exists")
-        return self._store(key, data)
+        return self._store(key, bytes(data))
 
-    def _store(self, key: str, data: bytes) -> str:
+    def _store(self, key: str, data: bytes | tuple[bytes, ...]) -> str:
         self._counter += 1
         self.writes += 1
-        self._objects[key] = (bytes(data), self._counter)
+        self._objects[key] = (data, self._counter)
         return str(self._counter)
