@@ -28,8 +28,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from osqueue.errors import JobNotFoundError, LeaseLostError
 from osqueue.model import encode_state
 
