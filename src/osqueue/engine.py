@@ -54,6 +54,12 @@ ENCODE_GAP_FACTOR = 3
 #: Before a batch is written, the loop yields at most this many times to let requests that
 #: have already arrived join it (see :meth:`Engine._gather_arrivals`).
 MAX_GATHER_YIELDS = 32
+#: After a write that took W seconds, the next batch may keep gathering arrivals for up to
+#: ``GATHER_SHARE * W`` (at most ``GATHER_MAX_S``), while no gap of ``GATHER_QUIET_S`` passes
+#: without a new request.
+GATHER_SHARE = 0.25
+GATHER_MAX_S = 0.05
+GATHER_QUIET_S = 0.002
 
 T = TypeVar("T")
 Operation = Callable[[QueueState, int], T]
@@ -337,17 +343,25 @@ class Engine:
             await asyncio.sleep(wait_s)
 
     async def _gather_arrivals(self) -> None:
-        """Let requests the broker is already reading join the batch before it is written.
+        """Let requests that are on their way join the batch before it is written.
 
-        When a slow write ends, its whole batch is answered at once and the clients send
-        their next requests together. Writing the moment the previous write ends would
-        carry only the first few of them and leave the rest for the write after, doubling
-        their wait. Yielding to the event loop while the batch still grows takes that wave
-        in; when nothing new arrives between two yields the batch is written.
+        When a slow write ends, its whole batch is answered at once and those clients send
+        their next requests a moment later. A write started the moment the previous one
+        ended would carry none of them, so each would wait for two writes. The loop first
+        yields to the event loop while the batch still grows (requests already being
+        read), then, after a slow write, keeps gathering for up to ``GATHER_SHARE`` of that
+        write's duration as long as requests keep arriving.
         """
         for _ in range(MAX_GATHER_YIELDS):
             size = len(self._batch.entries)
             await asyncio.sleep(0)
+            if len(self._batch.entries) == size:
+                break
+        last_write_s = self._last_write_end - self._last_write_start
+        deadline = time.monotonic() + min(GATHER_SHARE * last_write_s, GATHER_MAX_S)
+        while time.monotonic() + GATHER_QUIET_S < deadline:
+            size = len(self._batch.entries)
+            await asyncio.sleep(GATHER_QUIET_S)
             if len(self._batch.entries) == size:
                 return
 
