@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +59,8 @@ COMPACTION_MIN_PUSHES = 1024
 #: commit joins one piece per block: 256 keeps both the re-encoding (about 50 KB) and the
 #: number of pieces (400 for 100,000 jobs) small.
 JOBS_PER_BLOCK = 256
+#: Idempotency keys per encoding block (the keys are cached in blocks like the jobs).
+KEYS_PER_BLOCK = 512
 
 _Entry = tuple[int, int, str, int]  # (-priority, seq, job id, generation)
 _DelayedEntry = tuple[int, int, str, int]  # (runAt, seq, job id, generation)
@@ -110,6 +112,7 @@ class QueueState:
         dead_limit: int = DEFAULT_DEAD_LIMIT,
         idempotency_retention_ms: int = DEFAULT_IDEMPOTENCY_RETENTION_MS,
         jobs_per_block: int = JOBS_PER_BLOCK,
+        keys_per_block: int = KEYS_PER_BLOCK,
     ) -> None:
         self.dead_limit = dead_limit
         self.idempotency_retention_ms = idempotency_retention_ms
@@ -126,7 +129,13 @@ class QueueState:
         self.changes = 0
         self.jobs: dict[str, dict[str, Any]] = {}
         self.dead: deque[dict[str, Any]] = deque()
-        self.idempotency: dict[str, list[Any]] = {}  # key -> [job id, expiresAt]
+        #: key -> [job id, expiresAt], in the order the keys were given. Change it only
+        #: through _remember_key and _forget_key, which keep its encoding blocks.
+        self.idempotency: dict[str, list[Any]] = {}
+        self._key_seq: dict[str, int] = {}
+        self._next_key_seq = 0
+        self._key_blocks: dict[int, dict[str, None]] = {}
+        self._key_block_bytes: dict[int, bytes] = {}
         self._seq: dict[str, int] = {}
         self._next_seq = 0
         self._gen: dict[str, int] = {}
@@ -135,6 +144,7 @@ class QueueState:
         self._delayed: list[_DelayedEntry] = []
         self._leases: dict[str, None] = {}
         self.jobs_per_block = jobs_per_block
+        self.keys_per_block = keys_per_block
         self._blocks: dict[int, dict[str, None]] = {}  # block -> its job ids, in order
         self._block_bytes: dict[int, bytes] = {}  # block -> its jobs' JSON, without brackets
         self._pushes_since_compaction = 0
@@ -158,7 +168,8 @@ class QueueState:
         state.dead_total = int(doc.get("deadTotal") or 0)
         state.commit_id = doc.get("commitId")
         state.dead = deque(doc.get("dead") or [])
-        state.idempotency = dict(doc.get("idempotencyKeys") or {})
+        for key, entry in (doc.get("idempotencyKeys") or {}).items():
+            state._remember_key(key, entry)
         for job in doc.get("jobs") or []:
             job.setdefault("attempts", 0)
             job.setdefault("maxAttempts", DEFAULT_MAX_ATTEMPTS)
@@ -169,11 +180,15 @@ class QueueState:
         state._leases = dict.fromkeys(by_heartbeat)
         return state
 
-    def to_document(self, *, with_jobs: bool = True) -> dict[str, Any]:
-        """The document as plain JSON-ready values (shares the job dicts; encode at once)."""
+    def to_document(self, *, whole: bool = True) -> dict[str, Any]:
+        """The document as plain JSON-ready values (shares the job dicts; encode at once).
+
+        ``whole=False`` leaves out the two large parts, the jobs and the idempotency keys,
+        which :meth:`encode_parts` splices in from its cached blocks.
+        """
         doc: dict[str, Any] = dict(self.extra)
         doc.update(broker=self.broker, brokerHeartbeat=self.broker_heartbeat)
-        if with_jobs:
+        if whole:
             doc["jobs"] = list(self.jobs.values())
         doc.update(
             completedTotal=self.completed_total,
@@ -183,7 +198,7 @@ class QueueState:
         )
         if self.broker_id is not None:
             doc["brokerId"] = self.broker_id
-        if self.idempotency:
+        if self.idempotency and whole:
             doc["idempotencyKeys"] = self.idempotency
         if self.commit_id is not None:
             doc["commitId"] = self.commit_id
@@ -194,28 +209,56 @@ class QueueState:
         return b"".join(self.encode_parts())
 
     def encode_parts(self) -> list[bytes]:
-        """The document's bytes in pieces, re-encoding only the blocks of jobs that changed.
+        """The document's bytes in pieces, re-encoding only the blocks that changed.
 
-        Jobs live in blocks of ``jobs_per_block`` consecutive jobs; each block's JSON is
-        cached until a transition touches one of its jobs, and the jobs array is spliced
-        into the encoded rest of the document. So a commit costs the encoding of the blocks
+        Jobs live in blocks of ``jobs_per_block`` consecutive jobs, idempotency keys in
+        blocks of ``keys_per_block``; each block's JSON is cached until a transition
+        touches one of its entries, and the blocks are spliced into the encoded rest of
+        the document. So a commit costs the encoding of the blocks
         that changed plus, for a store that needs one contiguous body, one join, whatever
         the queue's size.
         """
-        jobs, cache = self.jobs, self._block_bytes
-        head = encode_state(self.to_document(with_jobs=False))
-        parts = [head[:-1], b',"jobs":[']  # the head is never empty: it holds "broker"
+        head = encode_state(self.to_document(whole=False))
+        parts = [head[:-1]]  # the head is never empty: it holds "broker"
+        if self.idempotency:
+            keys = self.idempotency
+            parts.append(b',"idempotencyKeys":{')
+            self._join_blocks(
+                parts,
+                self._key_blocks,
+                self._key_block_bytes,
+                lambda members: encode_state({k: keys[k] for k in members})[1:-1],
+            )
+            parts.append(b"}")
+        jobs = self.jobs
+        parts.append(b',"jobs":[')
+        self._join_blocks(
+            parts,
+            self._blocks,
+            self._block_bytes,
+            lambda members: encode_state([jobs[j] for j in members])[1:-1],
+        )
+        parts.append(b"]}")
+        return parts
+
+    @staticmethod
+    def _join_blocks(
+        parts: list[bytes],
+        blocks: dict[int, dict[str, None]],
+        cache: dict[int, bytes],
+        encode: Callable[[dict[str, None]], bytes],
+    ) -> None:
+        """Append each block's cached JSON to ``parts``, comma-separated, encoding the
+        blocks whose cache was dropped."""
         first = True
-        for block, members in self._blocks.items():
+        for block, members in blocks.items():
             piece = cache.get(block)
             if piece is None:
-                piece = cache[block] = encode_state([jobs[j] for j in members])[1:-1]
+                piece = cache[block] = encode(members)
             if not first:
                 parts.append(b",")
             parts.append(piece)
             first = False
-        parts.append(b"]}")
-        return parts
 
     def _stale(self, job_id: str) -> None:
         self._block_bytes.pop(self._seq[job_id] // self.jobs_per_block, None)
@@ -373,7 +416,7 @@ class QueueState:
             retention_ms = self.idempotency_retention_ms
             if key.startswith(AUTO_KEY_PREFIX):
                 retention_ms = min(retention_ms, AUTO_KEY_RETENTION_MS)
-            self.idempotency[key] = [job_id, now_ms + retention_ms]
+            self._remember_key(key, [job_id, now_ms + retention_ms])
         self._add(job, now_ms)
         self.changes += 1
         return SubmitResult(job_id)
@@ -547,14 +590,34 @@ class QueueState:
             oldest = next(iter(keys))
             if keys[oldest][1] > now_ms and len(keys) < MAX_IDEMPOTENCY_KEYS:
                 return
-            del keys[oldest]
+            self._forget_key(oldest)
             self.changes += 1
+
+    def _remember_key(self, key: str, entry: list[Any]) -> None:
+        """Store a key (a key given again moves to the end, with its new expiry)."""
+        if key in self.idempotency:
+            self._forget_key(key)
+        self.idempotency[key] = entry
+        seq = self._key_seq[key] = self._next_key_seq
+        self._next_key_seq += 1
+        block = seq // self.keys_per_block
+        self._key_blocks.setdefault(block, {})[key] = None
+        self._key_block_bytes.pop(block, None)
+
+    def _forget_key(self, key: str) -> None:
+        del self.idempotency[key]
+        block = self._key_seq.pop(key) // self.keys_per_block
+        members = self._key_blocks[block]
+        del members[key]
+        if not members:
+            del self._key_blocks[block]
+        self._key_block_bytes.pop(block, None)
 
     def prune_idempotency(self, now_ms: int) -> int:
         """Drop idempotency keys past their retention window."""
         stale = [k for k, (_job, expires_at) in self.idempotency.items() if expires_at <= now_ms]
         for key in stale:
-            del self.idempotency[key]
+            self._forget_key(key)
         self.changes += len(stale)
         return len(stale)
 

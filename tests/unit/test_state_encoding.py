@@ -11,7 +11,17 @@ from hypothesis import strategies as st
 from osqueue.errors import OsqueueError
 from osqueue.state import QueueState, SubmitSpec
 
-OPS = ("submit", "claim", "heartbeat", "complete", "fail", "expire", "cancel", "takeover")
+OPS = (
+    "submit",
+    "submit_key",
+    "claim",
+    "heartbeat",
+    "complete",
+    "fail",
+    "expire",
+    "cancel",
+    "takeover",
+)
 
 
 def full_encode(state: QueueState) -> bytes:
@@ -26,6 +36,9 @@ def step(state: QueueState, op: str, now: int, rng: random.Random) -> None:
     try:
         if op == "submit":
             state.submit(SubmitSpec({"n": now}, type=rng.choice(["a", "b", None])), f"j{now}", now)
+        elif op == "submit_key":
+            key = rng.choice(["k1", "k2", "k3", "auto:a", "auto:b"])
+            state.submit(SubmitSpec({"n": now}, idempotency_key=key), f"j{now}", now)
         elif op == "claim":
             state.claim(f"w{now % 3}", None, now)
         elif op == "heartbeat":
@@ -36,6 +49,7 @@ def step(state: QueueState, op: str, now: int, rng: random.Random) -> None:
             state.fail(job_id, worker, None, now, error="boom", retry_delay_ms=rng.choice([0, 5]))
         elif op == "expire":
             state.expire(now, 10)
+            state.prune_idempotency(now)
         elif op == "cancel":
             state.cancel(job_id)
         else:
@@ -48,7 +62,8 @@ def step(state: QueueState, op: str, now: int, rng: random.Random) -> None:
 @given(st.lists(st.sampled_from(OPS), max_size=60), st.integers(0, 2**32))
 def test_incremental_encoding_matches_a_full_encode(ops: list[str], seed: int) -> None:
     rng = random.Random(seed)
-    state = QueueState(jobs_per_block=rng.choice([1, 3, 256]))
+    block = rng.choice([1, 3, 256])
+    state = QueueState(jobs_per_block=block, keys_per_block=block, idempotency_retention_ms=7)
     for now, op in enumerate(ops, start=1):
         step(state, op, now, rng)
         assert orjson.loads(state.encode()) == orjson.loads(full_encode(state)), op
