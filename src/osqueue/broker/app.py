@@ -1,5 +1,9 @@
 """The broker's ASGI application: REST routes, errors, auth and body limits.
 
+The hot routes (submit, batch, claim, heartbeat, complete, fail) are bare ASGI endpoints
+that :class:`~osqueue.broker.asgi.BrokerApp` dispatches before Starlette; the rest are
+Starlette routes.
+
 Every error leaves as ``{"_tag", "message", ...}`` with the status code of its class; an
 unexpected exception is logged and answered as EngineStateError (500), which only a bug
 can cause. Invalid input never reaches the engine, so it never changes the stored state.
@@ -9,28 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive
 
-from osqueue.broker.validation import parse_body
-from osqueue.errors import (
-    AuthenticationError,
-    BrokerProtocolError,
-    EngineStateError,
-    OsqueueError,
-    PayloadTooLargeError,
-)
+from osqueue.broker.asgi import AuthMiddleware, BrokerApp, JsonEndpoint, decode_json, read_body
+from osqueue.errors import BrokerProtocolError, EngineStateError, OsqueueError
 
 if TYPE_CHECKING:
     from osqueue.broker.server import Broker
@@ -41,6 +37,10 @@ log = logging.getLogger("osqueue.broker")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+#: The hot routes' paths (POST), dispatched by :class:`BrokerApp` before Starlette.
+JOBS = "/v1/jobs"
+JOB_PREFIX = "/v1/jobs/"
+
 
 def json_response(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
@@ -50,76 +50,26 @@ def error_response(error: OsqueueError) -> Response:
     return json_response(error.to_body(), error.status)
 
 
-class AuthMiddleware:
-    """Requires ``Authorization: Bearer <token>`` on every path except ``/healthz``."""
-
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
-        self.app = app
-        self.expected = f"Bearer {token}".encode() if token else None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is None or scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
-        if scope["path"] == "/healthz":
-            return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
-            return await self.app(scope, receive, send)
-        error = AuthenticationError("missing or wrong bearer token; set OSQUEUE_TOKEN")
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008, "reason": error.message})
-            return None
-        await error_response(error)(scope, receive, send)
-        return None
-
-
-async def read_json(
-    request: Request, limit_bytes: int, *, empty: Any = ..., lenient: bool = False
-) -> Any:
+async def read_json(request: Request, limit_bytes: int, *, empty: Any = ...) -> Any:
     """The request body decoded as JSON, refusing bodies over ``limit_bytes``."""
-    content_type = request.headers.get("content-type")
-    if content_type and "json" not in content_type.lower():
-        raise BrokerProtocolError(
-            f"content type {content_type!r} is not JSON; send application/json"
-        )
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit_bytes:
-        raise PayloadTooLargeError(
-            f"body of {declared} bytes is over the limit of {limit_bytes} bytes (MAX_BODY_BYTES)",
-            limitBytes=limit_bytes,
-        )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit_bytes:
-            raise PayloadTooLargeError(
-                f"body is over the limit of {limit_bytes} bytes (MAX_BODY_BYTES)",
-                limitBytes=limit_bytes,
-            )
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        if empty is not ...:
-            return empty
-        raise BrokerProtocolError("request body is empty; send a JSON object")
-    return parse_body(raw, lenient=lenient)
+    raw = await read_body(request.scope, request.receive, limit_bytes)
+    return decode_json(raw, empty=empty)
 
 
-async def _disconnected(request: Request) -> None:
+async def _disconnected(receive: Receive) -> None:
     """Return when the client closes the connection (the body was already read)."""
-    while (await request.receive())["type"] != "http.disconnect":
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 
-async def claim_unless_gone(request: Request, claim: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+async def claim_unless_gone(receive: Receive, claim: Awaitable[dict[str, Any]]) -> dict[str, Any]:
     """Run a waiting claim, cancelling it if the client goes away while it waits.
 
     A claim cancelled while it waits has taken nothing; the client is gone, so what is
     returned then is never sent.
     """
     claiming = asyncio.ensure_future(claim)
-    gone = asyncio.ensure_future(_disconnected(request))
+    gone = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait((claiming, gone), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -133,7 +83,7 @@ async def claim_unless_gone(request: Request, claim: Awaitable[dict[str, Any]]) 
     return claiming.result()
 
 
-def build_app(broker: Broker) -> Starlette:
+def build_app(broker: Broker) -> BrokerApp:
     """The REST application of one broker (WebSocket and Connect mount beside it)."""
     service = broker.service
     limit = broker.config.max_body_bytes
@@ -167,34 +117,38 @@ def build_app(broker: Broker) -> Starlette:
     async def state(request: Request) -> Response:
         return Response(broker.engine.committed_bytes, media_type="application/json")
 
-    async def submit(request: Request) -> Response:
-        return json_response(await service.submit(await read_json(request, limit)))
+    # The hot routes: bare ASGI endpoints (see osqueue.broker.asgi).
+    async def submit(job_id: str, body: Any, receive: Receive) -> Any:
+        return await service.submit(body)
 
-    async def submit_batch(request: Request) -> Response:
-        # Lenient: a NaN or undecodable text inside one submit fails that submit alone.
-        body = await read_json(request, limit, lenient=True)
-        return json_response(await service.submit_batch(body))
+    async def submit_batch(job_id: str, body: Any, receive: Receive) -> Any:
+        return await service.submit_batch(body)
 
-    async def claim(request: Request) -> Response:
-        body = await read_json(request, limit)
+    async def claim(job_id: str, body: Any, receive: Receive) -> Any:
         if not (isinstance(body, dict) and body.get("waitMs")):
-            return json_response(await service.claim(body))
-        return json_response(await claim_unless_gone(request, service.claim(body)))
+            return await service.claim(body)
+        return await claim_unless_gone(receive, service.claim(body))
 
-    async def heartbeat(request: Request) -> Response:
-        body = await read_json(request, limit)
-        await service.heartbeat(request.path_params["job_id"], body)
-        return Response(status_code=204)
+    async def heartbeat(job_id: str, body: Any, receive: Receive) -> None:
+        await service.heartbeat(job_id, body)
 
-    async def complete(request: Request) -> Response:
-        body = await read_json(request, limit)
-        await service.complete(request.path_params["job_id"], body)
-        return Response(status_code=204)
+    async def complete(job_id: str, body: Any, receive: Receive) -> None:
+        await service.complete(job_id, body)
 
-    async def fail(request: Request) -> Response:
-        body = await read_json(request, limit)
-        await service.fail(request.path_params["job_id"], body)
-        return Response(status_code=204)
+    async def fail(job_id: str, body: Any, receive: Receive) -> None:
+        await service.fail(job_id, body)
+
+    exact = {
+        JOBS: JsonEndpoint(submit, limit),
+        f"{JOB_PREFIX}claim": JsonEndpoint(claim, limit),
+        # Lenient: a NaN or undecodable text inside one submit fails that submit alone.
+        f"{JOB_PREFIX}batch": JsonEndpoint(submit_batch, limit, lenient=True),
+    }
+    per_job = {
+        "complete": JsonEndpoint(complete, limit),
+        "heartbeat": JsonEndpoint(heartbeat, limit),
+        "fail": JsonEndpoint(fail, limit),
+    }
 
     async def cancel(request: Request) -> Response:
         await service.cancel(request.path_params["job_id"])
@@ -226,14 +180,14 @@ def build_app(broker: Broker) -> Starlette:
     async def purge(request: Request) -> Response:
         return json_response(await service.purge_dead())
 
-    # The hot paths come first: Starlette tries routes in order.
+    # The hot routes are here too, for requests BrokerApp does not dispatch itself; they
+    # come first, as Starlette tries routes in order.
     routes: list[BaseRoute] = [
-        Route("/v1/jobs", guarded(submit), methods=["POST"]),
-        Route("/v1/jobs/claim", guarded(claim), methods=["POST"]),
-        Route("/v1/jobs/{job_id}/complete", guarded(complete), methods=["POST"]),
-        Route("/v1/jobs/{job_id}/heartbeat", guarded(heartbeat), methods=["POST"]),
-        Route("/v1/jobs/{job_id}/fail", guarded(fail), methods=["POST"]),
-        Route("/v1/jobs/batch", guarded(submit_batch), methods=["POST"]),
+        *(Route(path, endpoint, methods=["POST"]) for path, endpoint in exact.items()),
+        *(
+            Route(f"{JOB_PREFIX}{{job_id}}/{segment}", endpoint, methods=["POST"])
+            for segment, endpoint in per_job.items()
+        ),
         Route("/v1/jobs", guarded(list_jobs), methods=["GET"]),
         Route("/v1/jobs/{job_id}", guarded(get_job), methods=["GET"]),
         Route("/v1/jobs/{job_id}/cancel", guarded(cancel), methods=["POST"]),
@@ -259,7 +213,11 @@ def build_app(broker: Broker) -> Starlette:
             return json_response(BrokerProtocolError(message).to_body(), 405)
         return error_response(EngineStateError(f"HTTP error {status}"))
 
-    return Starlette(
+    return BrokerApp(
+        exact=exact,
+        per_job=per_job,
+        job_prefix=JOB_PREFIX,
+        token=broker.config.token,
         routes=routes,
         middleware=[Middleware(AuthMiddleware, token=broker.config.token)]
         if broker.config.token
