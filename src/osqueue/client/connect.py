@@ -12,6 +12,7 @@ from typing import Any, Final, Literal
 
 import httpx
 
+from osqueue.client._http import StreamTransport
 from osqueue.client.rest import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
@@ -46,7 +47,9 @@ class ConnectTransport:
 
     ``url`` is the broker's base URL (``http://host:port``). ``token`` is sent as
     ``Authorization: Bearer <token>``. ``timeout_s`` bounds a whole call; a claim that waits
-    (``waitMs``) gets that wait on top. ``http_transport`` replaces httpx's network layer.
+    (``waitMs``) gets that wait on top. Up to ``max_connections`` connections are kept
+    alive (:class:`~osqueue.client._http.StreamTransport`); ``http_transport`` replaces that
+    network layer.
     """
 
     def __init__(
@@ -73,12 +76,17 @@ class ConnectTransport:
         }
         if token:
             headers["authorization"] = f"Bearer {token}"
+        self._default_timeout = self._timeout(0.0)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
-            limits=httpx.Limits(max_connections=max_connections),
-            transport=http_transport,
+            timeout=self._default_timeout,
+            transport=http_transport or StreamTransport(max_connections=max_connections),
         )
+
+    def _timeout(self, extra_s: float) -> httpx.Timeout:
+        total_s = self.timeout_s + extra_s
+        return httpx.Timeout(total_s, connect=min(self.connect_timeout_s, total_s))
 
     def __repr__(self) -> str:
         return f"ConnectTransport({self.base_url!r}, codec={self.codec!r})"
@@ -94,14 +102,11 @@ class ConnectTransport:
         except (TypeError, ValueError) as exc:  # a value the message cannot hold
             raise BrokerProtocolError(f"{method}: {exc}", method=method) from exc
         wait_ms = params.get("waitMs") if method == "claimJob" else None
-        extra_s = wait_ms / 1000 if isinstance(wait_ms, int | float) and wait_ms > 0 else 0.0
-        total_s = self.timeout_s + extra_s
+        timeout = self._default_timeout
+        if isinstance(wait_ms, int | float) and wait_ms > 0:
+            timeout = self._timeout(wait_ms / 1000)
         try:
-            response = await self._http.post(
-                rpc.path,
-                content=content,
-                timeout=httpx.Timeout(total_s, connect=min(self.connect_timeout_s, total_s)),
-            )
+            response = await self._http.post(rpc.path, content=content, timeout=timeout)
         except httpx.UnsupportedProtocol as exc:
             raise TransportConfigError(f"cannot reach {self.base_url}: {exc}") from exc
         except httpx.TransportError as exc:

@@ -7,6 +7,7 @@ from urllib.parse import quote
 
 import httpx
 
+from osqueue.client._http import StreamTransport
 from osqueue.errors import (
     BrokerProtocolError,
     TransportConfigError,
@@ -41,6 +42,7 @@ ROUTES: Final[dict[str, tuple[str, str, bool]]] = {
 
 # Failures that happen before a request can have reached the broker.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_JSON_BODY: Final = {"content-type": "application/json"}
 
 
 def normalize_base_url(url: str) -> str:
@@ -62,10 +64,12 @@ def normalize_base_url(url: str) -> str:
 class RestTransport:
     """Carries client calls as the REST requests of the protocol (section 5).
 
-    One :class:`httpx.AsyncClient` keeps connections alive between calls. ``token`` is sent
-    as ``Authorization: Bearer <token>``. ``timeout_s`` bounds a whole request; a claim that
-    waits (``waitMs``) gets that wait on top. ``http_transport`` replaces httpx's network
-    layer (tests pass :class:`httpx.MockTransport`).
+    One :class:`httpx.AsyncClient` keeps up to ``max_connections`` connections alive
+    between calls (through :class:`~osqueue.client._http.StreamTransport`, much cheaper
+    per request than httpx's default pool). ``token`` is sent as ``Authorization: Bearer
+    <token>``. ``timeout_s`` bounds a whole request; a claim that waits (``waitMs``) gets
+    that wait on top. ``http_transport`` replaces that network layer (tests pass
+    :class:`httpx.MockTransport`).
     """
 
     def __init__(
@@ -84,12 +88,12 @@ class RestTransport:
         headers = {"user-agent": USER_AGENT, "accept": "application/json"}
         if token:
             headers["authorization"] = f"Bearer {token}"
+        self._default_timeout = self._timeout(0.0)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
-            timeout=self._timeout(0.0),
-            limits=httpx.Limits(max_connections=max_connections),
-            transport=http_transport,
+            timeout=self._default_timeout,
+            transport=http_transport or StreamTransport(max_connections=max_connections),
         )
 
     def __repr__(self) -> str:
@@ -103,14 +107,16 @@ class RestTransport:
         """Send one request; answer the decoded body, ``{}`` for 204."""
         verb, path, body = self._route(method, params)
         wait_ms = params.get("waitMs") if method == "claimJob" else None
-        extra_s = wait_ms / 1000 if isinstance(wait_ms, int | float) and wait_ms > 0 else 0.0
+        timeout = self._default_timeout
+        if isinstance(wait_ms, int | float) and wait_ms > 0:
+            timeout = self._timeout(wait_ms / 1000)
         try:
             response = await self._http.request(
                 verb,
                 path,
                 content=encode_json(body) if body is not None else None,
-                headers={"content-type": "application/json"} if body is not None else None,
-                timeout=self._timeout(extra_s),
+                headers=_JSON_BODY if body is not None else None,
+                timeout=timeout,
             )
         except httpx.UnsupportedProtocol as exc:
             raise TransportConfigError(f"cannot reach {self.base_url}: {exc}") from exc
