@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
-import uuid
 from typing import Any
 
 from osqueue.broker import validation as v
@@ -20,7 +20,7 @@ from osqueue.engine import Engine
 from osqueue.errors import BrokerProtocolError, OsqueueError
 from osqueue.state import ClaimResult, QueueState, SubmitResult, SubmitSpec
 
-__all__ = ["QueueService"]
+__all__ = ["JobIds", "QueueService"]
 
 log = logging.getLogger("osqueue.broker")
 
@@ -32,6 +32,46 @@ _LIST_DEFAULTS = {
     "maxAttempts": 0,
     "heartbeat": 0,
 }
+
+
+#: Byte maps that set a version 4 UUID's version nibble (byte 6) and variant bits (byte 8).
+_VERSION_4 = bytes((b & 0x0F) | 0x40 for b in range(256))
+_VARIANT_RFC_4122 = bytes((b & 0x3F) | 0x80 for b in range(256))
+
+
+class JobIds:
+    """Fresh job ids: version 4 UUID strings from ``os.urandom``, many per system call
+    (``uuid.uuid4()`` makes one call and one UUID object per id)."""
+
+    __slots__ = ("_spare",)
+
+    PER_DRAW = 256
+
+    def __init__(self) -> None:
+        self._spare: list[str] = []
+
+    def next(self) -> str:
+        if not self._spare:
+            self._spare = self.take(self.PER_DRAW)
+        return self._spare.pop()
+
+    @staticmethod
+    def take(count: int) -> list[str]:
+        raw = bytearray(os.urandom(16 * count))
+        raw[6::16] = raw[6::16].translate(_VERSION_4)
+        raw[8::16] = raw[8::16].translate(_VARIANT_RFC_4122)
+        h = raw.hex()
+        return [
+            f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-{h[i + 12 : i + 16]}-{h[i + 16 : i + 20]}-"
+            f"{h[i + 20 : i + 32]}"
+            for i in range(0, 32 * count, 32)
+        ]
+
+
+def _submit_body(result: SubmitResult) -> dict[str, Any]:
+    if result.duplicate:
+        return {"jobId": result.job_id, "duplicate": True}
+    return {"jobId": result.job_id}
 
 
 def _claim_body(result: ClaimResult | None, timeout_ms: int) -> dict[str, Any]:
@@ -54,6 +94,7 @@ class QueueService:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._rng = random.Random()
+        self._job_ids = JobIds()
         self._commit_signal = asyncio.Event()
         #: Claims now waiting for work (observable by tests and metrics).
         self.waiting_claims = 0
@@ -63,9 +104,10 @@ class QueueService:
 
     async def submit(self, body: Any) -> dict[str, Any]:
         spec = v.parse_submit(body)
-        result = await self.engine.execute(self._submit_op(spec))
+        job_id = self._job_ids.next()
+        result = await self.engine.execute(lambda state, now_ms: state.submit(spec, job_id, now_ms))
         self._log_submit(spec, result)
-        return self._submit_body(result)
+        return _submit_body(result)
 
     async def submit_batch(self, body: Any) -> dict[str, Any]:
         """Submit many jobs in one durable write; invalid ones are answered one by one."""
@@ -78,36 +120,25 @@ class QueueService:
             except OsqueueError as exc:
                 specs.append(exc)
         valid = [s for s in specs if isinstance(s, SubmitSpec)]
-        ops = [self._submit_op(s) for s in valid]
+        job_ids = self._job_ids.take(len(valid))
 
         def batch_op(state: QueueState, now_ms: int) -> list[SubmitResult]:
-            return [op(state, now_ms) for op in ops]
+            submit = state.submit
+            pairs = zip(valid, job_ids, strict=True)
+            return [submit(spec, job_id, now_ms) for spec, job_id in pairs]
 
-        results = iter(await self.engine.execute(batch_op) if ops else [])
+        results = iter(await self.engine.execute(batch_op) if valid else [])
+        logged = log.isEnabledFor(logging.INFO)  # checked once, not once per job
         answers: list[dict[str, Any]] = []
         for spec in specs:
             if isinstance(spec, OsqueueError):
                 answers.append({"error": spec.to_body()})
-            else:
-                result = next(results)
+                continue
+            result = next(results)
+            if logged:
                 self._log_submit(spec, result)
-                answers.append(self._submit_body(result))
+            answers.append(_submit_body(result))
         return {"results": answers}
-
-    @staticmethod
-    def _submit_op(spec: SubmitSpec) -> Any:
-        job_id = str(uuid.uuid4())
-
-        def op(state: QueueState, now_ms: int) -> SubmitResult:
-            return state.submit(spec, job_id, now_ms)
-
-        return op
-
-    @staticmethod
-    def _submit_body(result: SubmitResult) -> dict[str, Any]:
-        if result.duplicate:
-            return {"jobId": result.job_id, "duplicate": True}
-        return {"jobId": result.job_id}
 
     @staticmethod
     def _log_submit(spec: SubmitSpec, result: SubmitResult) -> None:
