@@ -23,13 +23,16 @@ swept now and then (see :meth:`QueueState._compact`).
 from __future__ import annotations
 
 import heapq
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from osqueue.errors import JobNotFoundError, LeaseLostError
-from osqueue.model import encode_state
+from osqueue.model import encode_state, freeze_payload
 
 __all__ = [
     "DEFAULT_DEAD_LIMIT",
@@ -97,10 +100,31 @@ class SubmitResult:
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
     job_id: str
-    payload: Any
+    payload: Any  # its JSON text, an orjson.Fragment (see model.freeze_payload)
     type: str | None
     attempts: int
     max_attempts: int
+
+
+def _resident(job: dict[str, Any]) -> dict[str, Any]:
+    """A decoded job rebuilt in the form the broker keeps: payload frozen, objects fresh.
+
+    Decoding a document allocates each job's fields and payload side by side. Were the
+    decoded jobs kept with only their payloads swapped for frozen text, the freed payload
+    objects would leave holes in every memory arena, and a large queue would hold its
+    decoded size in memory for good. Copying every job (through its own JSON) before the
+    decoded ones are let go leaves whole arenas free to return to the system.
+    """
+    payload = freeze_payload(job.get("payload"))
+    # The decoded job is left as it is: freeing anything of it now would leave a hole
+    # that the copies fill, pinning the decoded jobs' memory. Payload None keeps its place.
+    resident: dict[str, Any] = orjson.loads(orjson.dumps({**job, "payload": None}))
+    resident["payload"] = payload
+    resident.setdefault("attempts", 0)
+    resident.setdefault("maxAttempts", DEFAULT_MAX_ATTEMPTS)
+    if isinstance(resident.get("type"), str):
+        resident["type"] = sys.intern(resident["type"])  # a handful of types, many jobs
+    return resident
 
 
 class QueueState:
@@ -153,7 +177,11 @@ class QueueState:
 
     @classmethod
     def from_document(cls, doc: dict[str, Any], **options: Any) -> QueueState:
-        """Build the state and its indexes from a decoded document (taken over, not copied)."""
+        """Build the state and its indexes from a decoded document.
+
+        The document is taken over: its jobs are rebuilt one by one (see :func:`_resident`)
+        and the decoded ones released, so the caller must not use ``doc["jobs"]`` after.
+        """
         state = cls(**options)
         known = {
             "broker", "brokerHeartbeat", "brokerId", "epoch", "jobs", "completedTotal",
@@ -168,12 +196,16 @@ class QueueState:
         state.dead_total = int(doc.get("deadTotal") or 0)
         state.commit_id = doc.get("commitId")
         state.dead = deque(doc.get("dead") or [])
+        for dead in state.dead:
+            if "payload" in dead:
+                dead["payload"] = freeze_payload(dead["payload"])
         for key, entry in (doc.get("idempotencyKeys") or {}).items():
             state._remember_key(key, entry)
-        for job in doc.get("jobs") or []:
-            job.setdefault("attempts", 0)
-            job.setdefault("maxAttempts", DEFAULT_MAX_ATTEMPTS)
-            state._add(job, now_ms=None)
+        decoded = doc.get("jobs") or []
+        doc["jobs"] = []
+        for job in decoded:
+            state._add(_resident(job), now_ms=None)
+        del decoded  # the decoded jobs go all at once, returning whole arenas
         # Expiry reads leases front to back and stops at the first live one, so they must
         # be in heartbeat order, which the document's submission order is not.
         by_heartbeat = sorted(state._leases, key=lambda j: int(state.jobs[j].get("heartbeat") or 0))
@@ -397,7 +429,7 @@ class QueueState:
         job: dict[str, Any] = {
             "id": job_id,
             "status": "unclaimed",
-            "payload": spec.payload,
+            "payload": freeze_payload(spec.payload),
             "createdAt": now_ms,
             "attempts": 0,
             "maxAttempts": spec.max_attempts,
