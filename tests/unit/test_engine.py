@@ -496,3 +496,30 @@ async def test_a_refusal_waits_for_the_write_then_stands(make_engine: EngineFact
     await first
     with pytest.raises(LeaseLostError):
         await duplicate
+
+
+async def test_requests_sent_on_the_answer_to_a_write_join_the_next_write(
+    make_engine: EngineFactory,
+) -> None:
+    """A client answered by write 1 that submits again at once rides in write 2, with the
+    submit that waited during write 1, instead of waiting for a write 3 of its own."""
+    storage = ProbeStorage()
+    engine = await make_engine(storage, commit_interval_ms=0)
+    storage.gate = asyncio.Event()
+    storage.write_started.clear()
+
+    async def client() -> str:
+        await engine.execute(submit_op("first"))
+        return await engine.execute(submit_op("next"))  # sent the moment it is answered
+
+    chained = asyncio.create_task(client())
+    await storage.write_started.wait()
+    waiting = asyncio.create_task(engine.execute(submit_op("waited")))
+    await asyncio.sleep(0)  # the waiting submit joins the forming batch
+    writes_before = len(storage.written)
+    storage.gate.set()
+    await asyncio.gather(chained, waiting)
+
+    second = decode_state(storage.written[writes_before + 1])
+    assert len(storage.written) == writes_before + 2
+    assert [j["payload"] for j in second["jobs"]] == ["first", "waited", "next"]
