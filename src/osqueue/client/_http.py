@@ -24,7 +24,7 @@ from typing import Final
 
 import httpx
 
-__all__ = ["DEFAULT_MAX_IDLE_S", "StreamTransport"]
+__all__ = ["DEFAULT_MAX_IDLE_S", "Origin", "StreamTransport", "origin_of"]
 
 #: An idle connection older than this is closed rather than reused: the broker's server
 #: (uvicorn) closes connections idle for 5 s, and a request sent on a connection the
@@ -76,13 +76,42 @@ class StreamTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts = request.extensions.get("timeout", {})
-        await self._take_place(timeouts.get("pool"))
+        await request.aread()
+        status, headers, body = await self.send(
+            origin_of(request.url),
+            _request_bytes(request),
+            head_only=request.method == "HEAD",
+            connect_timeout_s=timeouts.get("connect"),
+            read_timeout_s=timeouts.get("read"),
+            pool_timeout_s=timeouts.get("pool"),
+        )
+        return httpx.Response(
+            status,
+            headers=headers,
+            content=body,
+            request=request,
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    async def send(
+        self,
+        origin: Origin,
+        data: bytes,
+        *,
+        head_only: bool = False,
+        connect_timeout_s: float | None = None,
+        read_timeout_s: float | None = None,
+        pool_timeout_s: float | None = None,
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Send one whole request (head and body, as bytes) to ``origin`` and answer the
+        status, headers and body. Raises httpx's transport errors (ConnectError,
+        ConnectTimeout and PoolTimeout before anything was sent)."""
+        await self._take_place(pool_timeout_s)
         try:
-            origin = _origin(request.url)
-            connection = await self._connection(origin, timeouts.get("connect"))
+            connection = await self._connection(origin, connect_timeout_s)
             try:
-                async with asyncio.timeout(timeouts.get("read")):
-                    status, headers, body, reusable = await _exchange(connection, request)
+                async with asyncio.timeout(read_timeout_s):
+                    status, headers, body, reusable = await _exchange(connection, data, head_only)
             except TimeoutError as exc:
                 connection.close()
                 raise httpx.ReadTimeout(f"no answer within the timeout: {exc}") from exc
@@ -96,15 +125,12 @@ class StreamTransport(httpx.AsyncBaseTransport):
                 connection.close()
         finally:
             self._places.release()
-        return httpx.Response(
-            status,
-            headers=headers,
-            content=body,
-            request=request,
-            extensions={"http_version": b"HTTP/1.1"},
-        )
+        return status, headers, body
 
     async def _take_place(self, timeout_s: float | None) -> None:
+        if not self._places.locked():
+            await self._places.acquire()  # free: returns at once
+            return
         try:
             async with asyncio.timeout(timeout_s):
                 await self._places.acquire()
@@ -144,7 +170,8 @@ class StreamTransport(httpx.AsyncBaseTransport):
         self._idle.clear()
 
 
-def _origin(url: httpx.URL) -> Origin:
+def origin_of(url: httpx.URL) -> Origin:
+    """``(scheme, host, port)``, the key connections are kept under."""
     scheme = url.scheme
     port = url.port or (443 if scheme == "https" else 80)
     return scheme, url.host, port
@@ -158,19 +185,18 @@ def _request_bytes(request: httpx.Request) -> bytes:
 
 
 async def _exchange(
-    connection: _Connection, request: httpx.Request
+    connection: _Connection, data: bytes, head_only: bool
 ) -> tuple[int, list[tuple[bytes, bytes]], bytes, bool]:
-    """Write ``request`` and read its answer: status, headers, body, and whether the
+    """Write a request and read its answer: status, headers, body, and whether the
     connection may carry another request."""
-    await request.aread()
     try:
-        connection.writer.write(_request_bytes(request))
+        connection.writer.write(data)
         await connection.writer.drain()
         while True:
             status, headers, keep_alive = await _read_head(connection.reader)
             if status >= 200:
                 break
-        if request.method == "HEAD" or status in _NO_BODY_STATUSES:
+        if head_only or status in _NO_BODY_STATUSES:
             return status, headers, b"", keep_alive
         body, framed = await _read_body(connection.reader, headers)
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
