@@ -7,7 +7,7 @@ A job's life in a worker, one named step each:
 2. **validate**: with a registry, check the payload against the type's model. A payload that
    does not fit is sent to ``dead`` with reason ``invalid_payload``.
 3. **run**: call the handler with a :class:`JobContext`; async handlers are awaited, sync
-   ones run in a thread of their own.
+   ones in a daemon thread (threads are kept for the next jobs).
 4. **heartbeat**: while the handler runs, refresh the lease every ``heartbeat_interval_s``
    (by default a third of the job timeout the broker announces with the claim).
    If the broker answers LeaseLostError (the job expired, was reclaimed or cancelled), the
@@ -39,6 +39,7 @@ import enum
 import inspect
 import logging
 import os
+import queue
 import random
 import signal
 import socket
@@ -164,34 +165,56 @@ def _is_async(func: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(call)
 
 
-async def _run_in_daemon_thread(func: Callable[[Any], Any], arg: Any) -> Any:
-    """Run ``func(arg)`` in a new daemon thread and await its result.
+class _DaemonThreads:
+    """Daemon threads that run sync handlers, kept between jobs.
 
     Not :func:`asyncio.to_thread`: a handler that ignores cancellation would keep the
-    default executor, and so the process, alive past the shutdown grace period.
+    default executor, and so the process, alive past the shutdown grace period. A thread is
+    reused once its call returns; when none is free a new one starts, so a handler stuck in
+    an abandoned run never holds up the next job.
     """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-    context = contextvars.copy_context()
 
-    def settle(ok: bool, value: Any) -> None:
-        if future.done():  # the worker stopped waiting (lease lost, shutdown)
-            return
-        if ok:
-            future.set_result(value)
-        else:
-            future.set_exception(value)
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._free = 0
 
-    def target() -> None:
-        try:
-            outcome = (True, context.run(func, arg))
-        except BaseException as exc:
-            outcome = (False, exc)
-        with contextlib.suppress(RuntimeError):  # the loop closed while the thread ran
-            loop.call_soon_threadsafe(settle, *outcome)
+    async def run(self, func: Callable[[Any], Any], arg: Any) -> Any:
+        """Run ``func(arg)`` in one of the threads and await its result."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        context = contextvars.copy_context()
 
-    threading.Thread(target=target, name="osqueue-job", daemon=True).start()
-    return await future
+        def settle(ok: bool, value: Any) -> None:
+            if future.done():  # the worker stopped waiting (lease lost, shutdown)
+                return
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+        def call() -> None:
+            try:
+                outcome = (True, context.run(func, arg))
+            except BaseException as exc:
+                outcome = (False, exc)
+            with contextlib.suppress(RuntimeError):  # the loop closed while the thread ran
+                loop.call_soon_threadsafe(settle, *outcome)
+
+        with self._lock:
+            start = self._free == 0
+            if not start:
+                self._free -= 1
+        if start:
+            threading.Thread(target=self._serve, name="osqueue-job", daemon=True).start()
+        self._calls.put(call)
+        return await future
+
+    def _serve(self) -> None:
+        while True:
+            self._calls.get()()
+            with self._lock:
+                self._free += 1
 
 
 class Worker:
@@ -268,6 +291,7 @@ class Worker:
         self._stopped = asyncio.Event()
         self._started = False
         self._rng = random.Random()
+        self._threads = _DaemonThreads()
 
     def _claim_types(self, types: Iterable[str] | None) -> list[str] | None:
         if types is not None:
@@ -515,13 +539,22 @@ class Worker:
 
     async def _run_with_heartbeats(self, run: _Run, handler: Handler) -> tuple[_Ending, Any]:
         run.handler_task = asyncio.create_task(self._call_handler(handler, run.ctx))
-        beats = asyncio.create_task(self._heartbeat_loop(run))
+        interval_s = self._heartbeat_interval_s(run.ctx)
+        beats: list[asyncio.Task[None]] = []
+
+        def start_beating() -> None:
+            beats.append(asyncio.create_task(self._heartbeat_loop(run, interval_s)))
+
+        # Most jobs end before their first heartbeat is due: a timer costs less than a task.
+        first_beat = asyncio.get_running_loop().call_later(interval_s, start_beating)
         try:
             await asyncio.wait({run.handler_task})
         finally:
-            beats.cancel()
+            first_beat.cancel()
+            for beat in beats:
+                beat.cancel()
             run.handler_task.cancel()
-            await asyncio.gather(beats, return_exceptions=True)
+            await asyncio.gather(*beats, return_exceptions=True)
         return self._ending(run, run.handler_task)
 
     @staticmethod
@@ -537,24 +570,25 @@ class Worker:
             return _Ending.RAISED, error
         return _Ending.COMPLETED, task.result()
 
-    @staticmethod
-    async def _call_handler(handler: Handler, ctx: JobContext[Any]) -> Any:
+    async def _call_handler(self, handler: Handler, ctx: JobContext[Any]) -> Any:
         if _is_async(handler):
             return await handler(ctx)
-        result = await _run_in_daemon_thread(handler, ctx)
+        result = await self._threads.run(handler, ctx)
         if inspect.isawaitable(result):
             result = await result
         return result
 
-    async def _heartbeat_loop(self, run: _Run) -> None:
+    def _heartbeat_interval_s(self, ctx: JobContext[Any]) -> float:
+        if self.heartbeat_interval_s is not None:
+            return self.heartbeat_interval_s
+        # a third of the broker's timeout leaves room for two lost heartbeats
+        lease_s = (ctx.lease_timeout_ms or 0) / 1000
+        return lease_s / 3 if lease_s else DEFAULT_HEARTBEAT_INTERVAL_S
+
+    async def _heartbeat_loop(self, run: _Run, interval_s: float) -> None:
+        """Heartbeat now, then every ``interval_s``, until the lease is lost."""
         ctx = run.ctx
-        interval_s = self.heartbeat_interval_s
-        if interval_s is None:
-            # a third of the broker's timeout leaves room for two lost heartbeats
-            lease_s = (ctx.lease_timeout_ms or 0) / 1000
-            interval_s = lease_s / 3 if lease_s else DEFAULT_HEARTBEAT_INTERVAL_S
         while True:
-            await asyncio.sleep(interval_s)
             try:
                 await self.client.heartbeat(ctx.job_id, self.worker_id, ctx.attempt)
             except (LeaseLostError, JobNotFoundError) as exc:
@@ -569,6 +603,7 @@ class Worker:
                 return
             except OsqueueError as exc:
                 log.warning("heartbeat of job %s failed, will try again: %r", ctx.job_id, exc)
+            await asyncio.sleep(interval_s)
 
     # -- step 5: report -----------------------------------------------------------------
 
