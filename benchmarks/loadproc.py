@@ -98,6 +98,51 @@ async def drain(spec: dict[str, Any]) -> dict[str, Any]:
     return _summary(result, jobs_per_s=done / elapsed, jobs=done)
 
 
+async def consume(spec: dict[str, Any]) -> dict[str, Any]:
+    """Consumers as a deployment runs them: each connection claims with ``waitMs`` (the
+    broker answers as soon as a job is there) and completes what it got. They stop once
+    ``until_s`` has passed and a claim finds the queue empty."""
+    port, wait_ms = spec["port"], spec.get("wait_ms", 1000)
+    until = time.monotonic() + spec["until_s"]
+    done = 0
+    latencies: list[float] = []
+    requests = 0
+
+    async def consumer(index: int) -> None:
+        nonlocal done, requests
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        worker = f"consumer-{index}"
+        claim = request_bytes(
+            "POST", "/v1/jobs/claim", orjson.dumps({"workerId": worker, "waitMs": wait_ms})
+        )
+        lease = orjson.dumps({"workerId": worker})
+        try:
+            while True:
+                sent = time.monotonic()
+                writer.write(claim)
+                _status, answer = await _read_response(reader)
+                requests += 1
+                job = orjson.loads(answer)
+                if not job:
+                    if time.monotonic() >= until:
+                        return
+                    continue
+                writer.write(request_bytes("POST", f"/v1/jobs/{job['jobId']}/complete", lease))
+                status, _ = await _read_response(reader)
+                requests += 1
+                if status == 204:
+                    done += 1
+                    latencies.append(time.monotonic() - sent)
+        finally:
+            writer.close()
+
+    started = time.monotonic()
+    await asyncio.gather(*(consumer(i) for i in range(spec["connections"])))
+    elapsed = time.monotonic() - started
+    result = LoadResult(requests=requests, elapsed_s=elapsed, latencies_s=latencies)
+    return _summary(result, jobs_per_s=done / elapsed, jobs=done)
+
+
 async def poll_idle(spec: dict[str, Any]) -> dict[str, Any]:
     """Workers polling an empty queue (claims every ``interval_s``)."""
     port, interval = spec["port"], spec["interval_s"]
@@ -121,7 +166,13 @@ async def poll_idle(spec: dict[str, Any]) -> dict[str, Any]:
     return {"claims": claims}
 
 
-SCENARIOS = {"submit": submit, "batch": batch, "drain": drain, "poll_idle": poll_idle}
+SCENARIOS = {
+    "submit": submit,
+    "batch": batch,
+    "drain": drain,
+    "consume": consume,
+    "poll_idle": poll_idle,
+}
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 the same HTTP stack (Starlette on uvicorn) as the yardstick for P1.
 
 Run as ``python -m benchmarks.servers broker|baseline [options]``; the process prints
-``PORT <n>`` once it listens.
+``PORT <n>`` once it listens. ``document --prefill N`` prints a state document of N queued
+jobs instead.
 """
 
 from __future__ import annotations
@@ -96,16 +97,35 @@ async def _serve_broker(args: argparse.Namespace) -> None:
 
 
 async def _prefill(storage: Any, count: int) -> None:
-    """Write a document that already holds ``count`` queued jobs (of type "bulk")."""
+    """Store a document that already holds ``count`` queued jobs (of type "bulk").
+
+    The document is built in a process of its own, so that the memory of building it is
+    not counted in the broker's RSS (P5m): the broker holds only the document's bytes in
+    its memory store and the state it reads from them.
+    """
+    from osqueue.storage.base import STATE_KEY
+
+    maker = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "benchmarks.servers", "document", "--prefill", str(count)),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    document, _ = await maker.communicate()
+    if maker.returncode != 0:
+        raise RuntimeError(f"building the prefilled document failed ({maker.returncode})")
+    await storage.create_if_not_exists(STATE_KEY, document)
+
+
+def _write_document(count: int) -> None:
+    """Print the encoded document of ``count`` queued jobs to stdout (see ``_prefill``)."""
     from osqueue.model import encode_state
     from osqueue.state import QueueState
-    from osqueue.storage.base import STATE_KEY
 
     state = QueueState()
     spec = SubmitSpec(payload={"n": 1, "pad": "x" * 64}, type="bulk")
     for i in range(count):
         state.submit(spec, str(uuid.UUID(int=i)), now_ms=1)
-    await storage.create_if_not_exists(STATE_KEY, encode_state(state.to_document()))
+    sys.stdout.buffer.write(encode_state(state.to_document()))
+    sys.stdout.buffer.flush()
 
 
 @dataclass
@@ -144,13 +164,16 @@ def start(kind: str, *options: str, env: dict[str, str] | None = None) -> Iterat
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["broker", "baseline"])
+    parser.add_argument("kind", choices=["broker", "baseline", "document"])
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--commit-interval-ms", type=int, default=5)
     parser.add_argument("--prefill", type=int, default=0)
     parser.add_argument("--storage", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
+    if args.kind == "document":
+        _write_document(args.prefill)
+        return
     runner = _serve_baseline() if args.kind == "baseline" else _serve_broker(args)
     try:
         import uvloop
