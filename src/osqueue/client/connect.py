@@ -12,7 +12,7 @@ from typing import Any, Final, Literal
 
 import httpx
 
-from osqueue.client._http import StreamTransport
+from osqueue.client._http import StreamTransport, origin_of
 from osqueue.client.rest import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
@@ -75,14 +75,26 @@ class ConnectTransport:
             "connect-protocol-version": "1",
         }
         if token:
+            if not token.isprintable():
+                raise TransportConfigError("the token has a control character (OSQUEUE_TOKEN)")
             headers["authorization"] = f"Bearer {token}"
         self._default_timeout = self._timeout(0.0)
+        # Without http_transport, requests go as ready-made bytes to the stream transport
+        # (httpx's request and response objects cost more than the network, see rest.py).
+        self._stream = (
+            StreamTransport(max_connections=max_connections) if http_transport is None else None
+        )
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
             timeout=self._default_timeout,
-            transport=http_transport or StreamTransport(max_connections=max_connections),
+            transport=http_transport or self._stream,
         )
+        base = httpx.URL(self.base_url)
+        self._origin = origin_of(base)
+        self._prefix = base.raw_path.rstrip(b"/")
+        fields = {"host": base.netloc.decode("ascii"), **headers}
+        self._head_fields = "".join(f"{k}: {v}\r\n" for k, v in fields.items()).encode()
 
     def _timeout(self, extra_s: float) -> httpx.Timeout:
         total_s = self.timeout_s + extra_s
@@ -106,7 +118,14 @@ class ConnectTransport:
         if isinstance(wait_ms, int | float) and wait_ms > 0:
             timeout = self._timeout(wait_ms / 1000)
         try:
-            response = await self._http.post(rpc.path, content=content, timeout=timeout)
+            if self._stream is not None:
+                status, content_type, answer = await self._send(
+                    self._stream, rpc.path, content, timeout
+                )
+            else:
+                response = await self._http.post(rpc.path, content=content, timeout=timeout)
+                status, answer = response.status_code, response.content
+                content_type = response.headers.get("content-type", "")
         except httpx.UnsupportedProtocol as exc:
             raise TransportConfigError(f"cannot reach {self.base_url}: {exc}") from exc
         except httpx.TransportError as exc:
@@ -116,9 +135,10 @@ class ConnectTransport:
                 path=rpc.path,
                 request_sent=not isinstance(exc, _NOT_SENT),
             ) from exc
-        if response.status_code != 200:
-            raise self._error(response, rpc.path)
-        result = wire.decode_response(method, self._decode(response, rpc.response, rpc.path))
+        if status != 200:
+            raise self._error(status, answer, rpc.path)
+        decoded = self._decode(content_type, answer, rpc.response, rpc.path)
+        result = wire.decode_response(method, decoded)
         if refused:
             result["results"] = wire.splice_batch(result["results"], refused)
         return result
@@ -129,13 +149,30 @@ class ConnectTransport:
             return data
         return str(message.to_json()).encode()
 
-    def _decode(self, response: httpx.Response, cls: type[Any], path: str) -> Any:
-        content_type = response.headers.get("content-type", "").partition(";")[0].strip()
+    async def _send(
+        self, stream: StreamTransport, path: str, content: bytes, timeouts: httpx.Timeout
+    ) -> tuple[int, str, bytes]:
+        """The RPC as bytes straight to the stream transport: status, content type, body."""
+        data = b"POST %s%s HTTP/1.1\r\n%scontent-length: %d\r\n\r\n%s" % (
+            self._prefix, path.encode(), self._head_fields, len(content), content,
+        )  # fmt: skip
+        status, headers, answer = await stream.send(
+            self._origin,
+            data,
+            connect_timeout_s=timeouts.connect,
+            read_timeout_s=timeouts.read,
+            pool_timeout_s=timeouts.pool,
+        )
+        content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+        return status, content_type.decode("latin-1"), answer
+
+    def _decode(self, content_type: str, content: bytes, cls: type[Any], path: str) -> Any:
+        content_type = content_type.partition(";")[0].strip()
         try:
             if content_type == "application/proto":
-                return cls.from_binary(response.content)
+                return cls.from_binary(content)
             if content_type == "application/json":
-                return cls.from_json(response.content)
+                return cls.from_json(content)
         except (TypeError, ValueError) as exc:
             raise BrokerProtocolError(
                 f"{path} answered a message osqueue cannot read: {exc}"
@@ -143,12 +180,12 @@ class ConnectTransport:
         raise BrokerProtocolError(f"{path} answered content type {content_type!r}, not a message")
 
     @staticmethod
-    def _error(response: httpx.Response, path: str) -> Exception:
+    def _error(status: int, content: bytes, path: str) -> Exception:
         try:
-            body = decode_json(response.content) if response.content else None
+            body = decode_json(content) if content else None
         except BrokerProtocolError:
             body = None
-        return wire.error_from_connect(body, status=response.status_code, method="POST", path=path)
+        return wire.error_from_connect(body, status=status, method="POST", path=path)
 
     async def aclose(self) -> None:
         """Close the kept-alive connections."""
