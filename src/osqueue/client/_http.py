@@ -10,8 +10,10 @@ client reached about 150 requests per second where the WebSocket client reached 
 This transport keeps one idle list per origin and checks only the connection it is about to
 use. It speaks what the broker speaks: HTTP/1.1, one request at a time per connection,
 bodies framed by ``Content-Length`` or chunked (or, without either, by the connection's
-end). Proxies from the environment still go through httpx's own transports (httpx mounts
-them beside this one).
+end). The REST and Connect transports hand it ready-made request bytes through
+:meth:`StreamTransport.send`, which goes straight to the broker: HTTP proxies named in the
+environment (``HTTP_PROXY``, ``ALL_PROXY``) are not used, nor HTTP/2 or client
+certificates. Used as an httpx transport, httpx still mounts those proxies beside it.
 """
 
 from __future__ import annotations
