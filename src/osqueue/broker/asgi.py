@@ -1,7 +1,7 @@
 """The REST app's bare ASGI layer: the hot routes served without Starlette's machinery.
 
 Submits, claims, heartbeats, completes and fails are nearly all of a broker's requests.
-Through Starlette each one passed three middleware layers, a search of the route list, and
+Through Starlette each one passed two or three middleware layers, a search of the routes, and
 a Request and a Response object: about as much CPU as the queue operation itself.
 :class:`BrokerApp` answers those routes straight from the ASGI scope instead (the body read
 with ``receive``, the answer sent with two ``send`` calls) and hands every other request to
