@@ -145,3 +145,16 @@ async def test_a_refused_connection_is_a_connect_error() -> None:
     async with httpx.AsyncClient(transport=StreamTransport()) as client:
         with pytest.raises(httpx.ConnectError):
             await client.get(f"http://127.0.0.1:{port}/v1/stats")
+
+
+def test_a_proxy_from_the_environment_keeps_the_rest_client_on_httpx(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from osqueue.client.rest import RestTransport
+
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "exempt.example")
+    assert RestTransport("http://broker.example:8080")._stream is None
+    assert RestTransport("http://exempt.example:8080")._stream is not None
+    monkeypatch.delenv("HTTP_PROXY")
+    assert RestTransport("http://broker.example:8080")._stream is not None

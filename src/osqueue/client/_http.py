@@ -13,7 +13,8 @@ bodies framed by ``Content-Length`` or chunked (or, without either, by the conne
 end). The REST and Connect transports hand it ready-made request bytes through
 :meth:`StreamTransport.send`, which goes straight to the broker: HTTP proxies named in the
 environment (``HTTP_PROXY``, ``ALL_PROXY``) are not used, nor HTTP/2 or client
-certificates. Used as an httpx transport, httpx still mounts those proxies beside it.
+certificates, so those transports keep httpx's own pool when :func:`proxied` says a proxy
+applies.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Final
 
 import httpx
 
-__all__ = ["DEFAULT_MAX_IDLE_S", "Origin", "StreamTransport", "origin_of"]
+__all__ = ["DEFAULT_MAX_IDLE_S", "Origin", "StreamTransport", "origin_of", "proxied"]
 
 #: An idle connection older than this is closed rather than reused: the broker's server
 #: (uvicorn) closes connections idle for 5 s, and a request sent on a connection the
@@ -170,6 +172,15 @@ class StreamTransport(httpx.AsyncBaseTransport):
             for connection in idle:
                 connection.close()
         self._idle.clear()
+
+
+def proxied(url: httpx.URL) -> bool:
+    """Whether the environment names an HTTP proxy for ``url`` (``HTTP_PROXY``,
+    ``HTTPS_PROXY`` or ``ALL_PROXY``, unless ``NO_PROXY`` exempts its host)."""
+    proxies = urllib.request.getproxies_environment()
+    if not (proxies.get(url.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(url.host)
 
 
 def origin_of(url: httpx.URL) -> Origin:

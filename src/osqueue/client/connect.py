@@ -12,7 +12,7 @@ from typing import Any, Final, Literal
 
 import httpx
 
-from osqueue.client._http import StreamTransport, origin_of
+from osqueue.client._http import StreamTransport, origin_of, proxied
 from osqueue.client.rest import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
@@ -49,7 +49,8 @@ class ConnectTransport:
     ``Authorization: Bearer <token>``. ``timeout_s`` bounds a whole call; a claim that waits
     (``waitMs``) gets that wait on top. Up to ``max_connections`` connections are kept
     alive (:class:`~osqueue.client._http.StreamTransport`); ``http_transport`` replaces that
-    network layer.
+    network layer, and an HTTP proxy named in the environment for the broker's URL makes
+    the calls go through httpx's own pool.
     """
 
     def __init__(
@@ -81,14 +82,16 @@ class ConnectTransport:
         self._default_timeout = self._timeout(0.0)
         # Without http_transport, requests go as ready-made bytes to the stream transport
         # (httpx's request and response objects cost more than the network, see rest.py).
-        self._stream = (
-            StreamTransport(max_connections=max_connections) if http_transport is None else None
-        )
+        direct = http_transport is None and not proxied(httpx.URL(self.base_url))
+        self._stream = StreamTransport(max_connections=max_connections) if direct else None
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
             timeout=self._default_timeout,
             transport=http_transport or self._stream,
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
         )
         base = httpx.URL(self.base_url)
         self._origin = origin_of(base)

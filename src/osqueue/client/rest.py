@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 import httpx
 
-from osqueue.client._http import StreamTransport, origin_of
+from osqueue.client._http import StreamTransport, origin_of, proxied
 from osqueue.errors import (
     BrokerProtocolError,
     TransportConfigError,
@@ -70,7 +70,8 @@ class RestTransport:
     network did. ``token`` is sent as ``Authorization: Bearer <token>``. ``timeout_s``
     bounds a whole request; a claim that waits (``waitMs``) gets that wait on top.
     ``http_transport`` sends the requests through an :class:`httpx.AsyncClient` on that
-    transport instead (tests pass :class:`httpx.MockTransport`).
+    transport instead (tests pass :class:`httpx.MockTransport`); so does an HTTP proxy
+    named in the environment for the broker's URL, on httpx's own pool.
     """
 
     def __init__(
@@ -92,14 +93,16 @@ class RestTransport:
                 raise TransportConfigError("the token has a control character (OSQUEUE_TOKEN)")
             headers["authorization"] = f"Bearer {token}"
         self._default_timeout = self._timeout(0.0)
-        self._stream = (
-            StreamTransport(max_connections=max_connections) if http_transport is None else None
-        )
+        direct = http_transport is None and not proxied(httpx.URL(self.base_url))
+        self._stream = StreamTransport(max_connections=max_connections) if direct else None
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
             timeout=self._default_timeout,
             transport=http_transport or self._stream,
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
         )
         url = httpx.URL(self.base_url)
         self._origin = origin_of(url)
