@@ -235,6 +235,8 @@ def _uvicorn(app: Any, config: BrokerConfig) -> _Server:
             lifespan="off",
             log_level=config.log_level,
             access_log=False,
+            # The broker never reads the client's address; skip X-Forwarded-For parsing.
+            proxy_headers=False,
             timeout_graceful_shutdown=30,
         )
     )
