@@ -53,16 +53,18 @@ class RecordingStorage(Storage):
         self.write_starts: list[float] = []
         self.failing = False
         self._by_version: dict[str, bytes] = {}
+        #: The body of the write sent last: a read may see it land before its reply does.
+        self._in_flight: bytes | None = None
 
     async def read(self, key: str) -> Versioned | None:
         return await self.inner.read(key)
 
     async def write(self, key: str, data: bytes, expected_version: str) -> str:
-        self._start_write()
+        self._start_write(data)
         return self._record(data, await self.inner.write(key, data, expected_version))
 
     async def create_if_not_exists(self, key: str, data: bytes) -> str:
-        self._start_write()
+        self._start_write(data)
         return self._record(data, await self.inner.create_if_not_exists(key, data))
 
     async def close(self) -> None:
@@ -71,10 +73,11 @@ class RecordingStorage(Storage):
     def describe(self) -> dict[str, Any]:
         return self.inner.describe()
 
-    def _start_write(self) -> None:
+    def _start_write(self, data: bytes) -> None:
         if self.failing:
             raise StorageBackendError("injected write failure")
         self.write_starts.append(time.monotonic())
+        self._in_flight = bytes(data)
 
     def _record(self, data: bytes, version: str) -> str:
         self.history.append(bytes(data))
@@ -94,7 +97,7 @@ class RecordingStorage(Storage):
         """What the store holds now, checked to be a write recorded here."""
         stored = await self.inner.read(STATE_KEY)
         assert stored is not None, "the store holds no queue document"
-        recorded = self._by_version.get(stored.version)
+        recorded = self._by_version.get(stored.version, self._in_flight)
         assert recorded == stored.data, (
             f"the store holds version {stored.version!r}, which is not a write recorded here"
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -182,11 +183,12 @@ async def test_a_worker_that_does_not_hold_the_job_gets_409(
 ) -> None:
     job_id = await broker.submit()
     await broker.claim("w1")
-    version = broker.engine.version
+    held = (await broker.storage.stored_document())["jobs"]
     body = assert_error(await broker.lease(action, job_id, "w2"), 409, "LeaseLostError")
     assert body["jobId"] == job_id
     assert_error(await broker.lease(action, job_id, "w1", attempt=2), 409, "LeaseLostError")
-    assert broker.engine.version == version
+    # Leader heartbeats may write meanwhile; the refusals must leave the job as it was.
+    assert (await broker.storage.stored_document())["jobs"] == held
     assert (await broker.lease("heartbeat", job_id, "w1")).status_code == 204
 
 
@@ -537,12 +539,15 @@ async def test_f18_malformed_requests_get_4xx_and_leave_the_state_alone(
 
 async def test_keep_alive_requests_are_not_delayed_by_nagle(broker: RestBroker) -> None:
     """Each response on a kept-alive connection must leave at once (TCP_NODELAY): with
-    Nagle's algorithm against delayed ACKs each one took ~40 ms."""
+    Nagle's algorithm against delayed ACKs every one of them took 40 ms or more. The median
+    is compared, so a loaded machine slowing a few requests down does not fail the test."""
     await broker.http.get("/healthz")  # open the connection
-    started = time.monotonic()
-    for _ in range(20):
+    took = []
+    for _ in range(21):
+        started = time.monotonic()
         assert (await broker.http.get("/healthz")).status_code == 200
-    assert time.monotonic() - started < 0.4
+        took.append(time.monotonic() - started)
+    assert statistics.median(took) < 0.03
 
 
 async def test_client_leaving_mid_body_is_not_logged_as_a_broker_error(
