@@ -166,7 +166,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("kind", choices=["broker", "baseline", "document"])
     parser.add_argument("--latency-ms", type=float, default=0.0)
-    parser.add_argument("--commit-interval-ms", type=int, default=5)
+    # 0 on the memory store, whose writes cost nothing but their encoding: one write in
+    # flight and the gap of three times the last encode (see Engine._pace) do the batching.
+    # P6 and the S3 row pass the contract's default of 50 ms.
+    parser.add_argument("--commit-interval-ms", type=int, default=0)
     parser.add_argument("--prefill", type=int, default=0)
     parser.add_argument("--storage", default=None)
     args = parser.parse_args()
