@@ -94,7 +94,7 @@ def freeze_payload(value: Any) -> orjson.Fragment:
     """
     if isinstance(value, orjson.Fragment):
         return value
-    return orjson.Fragment(bytes(memoryview(encode_json(value))))
+    return orjson.Fragment(b"%b" % encode_json(value))  # formatting makes an exact copy
 
 
 def thaw_payload(value: Any) -> Any:
