@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from osqueue.broker.server import BrokerConfig, run_broker_in_background
+from osqueue.broker.server import BrokerConfig, run_broker_in_background, tune_gc
 from osqueue.engine import EngineConfig
 from osqueue.state import SubmitSpec
 from osqueue.storage import MemoryStorage, open_storage
@@ -74,6 +74,7 @@ async def _serve_broker(args: argparse.Namespace) -> None:
         engine=EngineConfig(commit_interval_ms=args.commit_interval_ms, job_timeout_ms=600_000),
         log_level="error",
     )
+    tune_gc()  # as `osqueue broker` does (serve)
     async with run_broker_in_background(storage, config) as handle:
         engine = handle.engine
 

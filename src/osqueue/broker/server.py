@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -22,7 +23,15 @@ from osqueue.errors import BrokerLeadershipError, ConfigError
 from osqueue.leadership import Leadership, LeadershipConfig
 from osqueue.storage.base import Storage
 
-__all__ = ["Broker", "BrokerConfig", "BrokerHandle", "run_broker_in_background", "serve"]
+__all__ = [
+    "BROKER_GC_THRESHOLDS",
+    "Broker",
+    "BrokerConfig",
+    "BrokerHandle",
+    "run_broker_in_background",
+    "serve",
+    "tune_gc",
+]
 
 log = logging.getLogger("osqueue.broker")
 
@@ -277,6 +286,22 @@ async def run_broker_in_background(
         sock.close()
 
 
+#: The cyclic garbage collector's thresholds in a broker process (``gc.set_threshold``).
+#: Each submit allocates a handful of containers and the broker makes almost no cycles;
+#: at Python's default of 700 the collector ran every few submits and took 18 % of a
+#: batch submit's CPU (52,750 jobs/s in process, 71,400 with these thresholds).
+BROKER_GC_THRESHOLDS = (50_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """Let the cycle collector run less often, for a process that is a broker.
+
+    :func:`serve` calls it; an application embedding a broker with
+    :func:`run_broker_in_background` decides for its own process.
+    """
+    gc.set_threshold(*BROKER_GC_THRESHOLDS)
+
+
 async def serve(
     storage: Storage,
     config: BrokerConfig,
@@ -284,6 +309,7 @@ async def serve(
     on_ready: Callable[[Broker], None] | None = None,
 ) -> None:
     """Run a broker until SIGINT or SIGTERM, then hand over cleanly."""
+    tune_gc()
     sock = _bind(config.host, config.port)
     port = sock.getsockname()[1]
     broker = Broker(storage, config, advertised_address(config, port))
