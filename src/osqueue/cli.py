@@ -61,9 +61,6 @@ def _setup_logging(level: str) -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if level != "debug":
-        # httpx logs every request at INFO: a worker's log would be mostly its own polls.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _storage(url: str | None) -> Any:
@@ -716,25 +713,28 @@ def status(url: str, token: str | None, store_url: str | None, as_json: bool) ->
 
 async def _broker_status(url: str, token: str | None) -> dict[str, Any]:
     """The broker's own answer on ``/readyz``: leader, standby or unreachable."""
-    import httpx
+    import aiohttp
 
     from osqueue.client.rest import normalize_base_url
     from osqueue.errors import error_from_body
 
     base = normalize_base_url(url)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    timeout = aiohttp.ClientTimeout(total=5.0)
     try:
-        async with httpx.AsyncClient(timeout=5.0) as http:
-            response = await http.get(f"{base}/readyz", headers=headers)
-        body = response.json()
-    except (httpx.HTTPError, ValueError) as exc:
+        async with (
+            aiohttp.ClientSession(timeout=timeout, trust_env=True) as http,
+            http.get(f"{base}/readyz", headers=headers) as response,
+        ):
+            status, body = response.status, orjson.loads(await response.read())
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         return {"url": base, "role": "unreachable", "error": repr(exc)}
-    if response.status_code == 200:
+    if status == 200:
         role, leader = "leader", body.get("leaderAddress")
     elif isinstance(body, dict) and body.get("_tag") == "BrokerLeadershipError":
         role, leader = "standby", body.get("leader")
     else:
-        raise error_from_body(body, status=response.status_code, method="GET", path="/readyz")
+        raise error_from_body(body, status=status, method="GET", path="/readyz")
     return {
         "url": base,
         "role": role,

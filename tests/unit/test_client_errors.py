@@ -1,14 +1,16 @@
 """The REST transport's request mapping and error mapping, and the client's retries,
-against httpx.MockTransport (no network)."""
+against scripted brokers on loopback (tests/unit/scripted_broker.py)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-import httpx
+import aiohttp
 import pytest
 
 from osqueue.client import (
@@ -37,43 +39,19 @@ from osqueue.errors import (
     TransportRequestError,
 )
 from osqueue.model import decode_json
+from tests.unit.scripted_broker import (
+    FAST_RETRY,
+    Responder,
+    ScriptedBroker,
+    answer,
+    garbage,
+    hang,
+    later,
+    raw,
+    refuse,
+)
 
-Responder = Callable[[httpx.Request], httpx.Response]
-FAST_RETRY = ClientRetry(deadline_s=2.0, base_s=0.001, cap_s=0.005)
-
-
-class MockBroker:
-    """Answers each request with the next responder (the last one repeats) and records
-    every request."""
-
-    def __init__(self, *responders: Responder) -> None:
-        self.responders = list(responders)
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        index = min(len(self.requests), len(self.responders)) - 1
-        return self.responders[index](request)
-
-    def transport(self, url: str = "http://broker:8080", token: str | None = None) -> RestTransport:
-        return RestTransport(url, token, http_transport=httpx.MockTransport(self))
-
-    def client(self, **kwargs: Any) -> AsyncOsqueueClient:
-        kwargs.setdefault("retry", FAST_RETRY)
-        return AsyncOsqueueClient(transport=self.transport(), **kwargs)
-
-
-def answer(status: int, body: Any = None) -> Responder:
-    return lambda request: (
-        httpx.Response(status, json=body) if body is not None else (httpx.Response(status))
-    )
-
-
-def raise_(exc_type: type[httpx.TransportError]) -> Responder:
-    def responder(request: httpx.Request) -> httpx.Response:
-        raise exc_type("boom", request=request)
-
-    return responder
+Scripted = Callable[..., ScriptedBroker]
 
 
 # -- request mapping ---------------------------------------------------------------------
@@ -120,16 +98,16 @@ def test_every_protocol_method_has_a_route() -> None:
     ],
 )
 async def test_methods_map_to_rest_requests(
-    method: str, params: dict[str, Any], verb: str, path: str, body: Any
+    method: str, params: dict[str, Any], verb: str, path: str, body: Any, scripted: Scripted
 ) -> None:
-    broker = MockBroker(answer(204))
+    broker = scripted(answer(204))
     transport = broker.transport(token="s3cret")
     try:
         assert await transport.call(method, params) == {}
     finally:
         await transport.aclose()
     (request,) = broker.requests
-    assert (request.method, request.url.raw_path.decode()) == (verb, path)
+    assert (request.method, request.raw_path) == (verb, path)
     assert request.headers["authorization"] == "Bearer s3cret"
     if body is None:
         assert request.content == b""
@@ -138,15 +116,15 @@ async def test_methods_map_to_rest_requests(
         assert request.headers["content-type"] == "application/json"
 
 
-async def test_no_token_no_authorization_header() -> None:
-    broker = MockBroker(answer(200, {"total": 0}))
+async def test_no_token_no_authorization_header(scripted: Scripted) -> None:
+    broker = scripted(answer(200, {"total": 0}))
     async with AsyncOsqueueClient(transport=broker.transport()) as client:
         assert await client.stats() == {"total": 0}
     assert "authorization" not in broker.requests[0].headers
 
 
-async def test_unknown_method_and_missing_job_id_are_refused_locally() -> None:
-    broker = MockBroker(answer(204))
+async def test_unknown_method_and_missing_job_id_are_refused_locally(scripted: Scripted) -> None:
+    broker = scripted(answer(204))
     transport = broker.transport()
     try:
         with pytest.raises(BrokerProtocolError, match="unknown method"):
@@ -158,14 +136,20 @@ async def test_unknown_method_and_missing_job_id_are_refused_locally() -> None:
     assert broker.requests == []
 
 
-async def test_claim_waits_extend_the_request_timeout() -> None:
-    broker = MockBroker(answer(200, {}))
-    transport = RestTransport("http://b", timeout_s=1.0, http_transport=httpx.MockTransport(broker))
+async def test_claim_waits_extend_the_request_timeout(scripted: Scripted) -> None:
+    # The answer comes after the transport's own time-out, within the claim's wait.
+    broker = scripted(later(0.6, answer(200, {})))
+    transport = broker.transport(timeout_s=0.2)
     try:
         await transport.call("claimJob", {"workerId": "w", "waitMs": 5000})
+        with pytest.raises(TransportConnectionError):
+            await transport.call("claimJob", {"workerId": "w"})
     finally:
         await transport.aclose()
-    assert broker.requests[0].extensions["timeout"]["read"] == pytest.approx(6.0)
+    assert len(broker.requests) == 2
+    slow = RestTransport("http://b", timeout_s=1.0)
+    assert slow._http.timeout(5000).total == pytest.approx(6.0)
+    await slow.aclose()
 
 
 # -- error mapping -----------------------------------------------------------------------
@@ -185,10 +169,10 @@ async def test_claim_waits_extend_the_request_timeout() -> None:
     ],
 )
 async def test_error_bodies_become_their_classes(
-    status: int, tag: str, error_type: type[OsqueueError]
+    status: int, tag: str, error_type: type[OsqueueError], scripted: Scripted
 ) -> None:
     body = {"_tag": tag, "message": f"the {tag}", "jobId": "j1"}
-    broker = MockBroker(answer(status, body))
+    broker = scripted(answer(status, body))
     transport = broker.transport()
     try:
         with pytest.raises(error_type) as caught:
@@ -200,17 +184,17 @@ async def test_error_bodies_become_their_classes(
     assert caught.value.fields["jobId"] == "j1"
 
 
-async def test_leadership_error_keeps_the_leader() -> None:
+async def test_leadership_error_keeps_the_leader(scripted: Scripted) -> None:
     body = {"_tag": "BrokerLeadershipError", "message": "not leader", "leader": "b2:8080"}
-    broker = MockBroker(answer(503, body))
+    broker = scripted(answer(503, body))
     async with broker.client(retry=ClientRetry(deadline_s=0)) as client:
         with pytest.raises(BrokerLeadershipError) as caught:
             await client.claim("w")
     assert caught.value.leader == "b2:8080"
 
 
-async def test_unknown_tag_becomes_transport_request_error() -> None:
-    broker = MockBroker(answer(418, {"_tag": "TeapotError", "message": "short and stout"}))
+async def test_unknown_tag_becomes_transport_request_error(scripted: Scripted) -> None:
+    broker = scripted(answer(418, {"_tag": "TeapotError", "message": "short and stout"}))
     async with broker.client() as client:
         with pytest.raises(TransportRequestError) as caught:
             await client.stats()
@@ -222,8 +206,8 @@ async def test_unknown_tag_becomes_transport_request_error() -> None:
     }
 
 
-async def test_a_body_that_is_not_json_becomes_transport_request_error() -> None:
-    broker = MockBroker(lambda request: httpx.Response(502, text="<html>bad gateway</html>"))
+async def test_a_body_that_is_not_json_becomes_transport_request_error(scripted: Scripted) -> None:
+    broker = scripted(raw(502, "<html>bad gateway</html>"))
     async with broker.client() as client:
         with pytest.raises(TransportRequestError) as caught:
             await client.cancel("j1")
@@ -231,32 +215,49 @@ async def test_a_body_that_is_not_json_becomes_transport_request_error() -> None
     assert caught.value.fields["path"] == "/v1/jobs/j1/cancel"
 
 
-async def test_a_success_that_is_not_json_is_a_protocol_error() -> None:
-    broker = MockBroker(lambda request: httpx.Response(200, text="ok"))
+async def test_a_success_that_is_not_json_is_a_protocol_error(scripted: Scripted) -> None:
+    broker = scripted(raw(200, "ok"))
     async with broker.client() as client:
         with pytest.raises(BrokerProtocolError, match="not JSON"):
             await client.stats()
 
 
+@contextmanager
+def unanswered_url() -> Iterator[str]:
+    """A loopback port whose queue of connections is full: a connect gets no answer."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):  # takes the only place
+            yield f"http://127.0.0.1:{port}"
+
+
 @pytest.mark.parametrize(
-    ("exc_type", "sent"),
+    ("failure", "cause", "sent"),
     [
-        (httpx.ConnectError, False),
-        (httpx.ConnectTimeout, False),
-        (httpx.ReadTimeout, True),
-        (httpx.RemoteProtocolError, True),
+        ("refused", aiohttp.ClientConnectorError, False),
+        ("connect time-out", aiohttp.ConnectionTimeoutError, False),
+        ("read time-out", TimeoutError, True),
+        ("not HTTP", aiohttp.ClientResponseError, True),
     ],
 )
 async def test_network_failures_become_connection_errors(
-    exc_type: type[httpx.TransportError], sent: bool
+    failure: str, cause: type[Exception], sent: bool, scripted: Scripted
 ) -> None:
-    broker = MockBroker(raise_(exc_type))
-    transport = broker.transport()
-    try:
-        with pytest.raises(TransportConnectionError) as caught:
-            await transport.call("getStats", {})
-    finally:
-        await transport.aclose()
+    with unanswered_url() as unanswered:
+        transport = {
+            "refused": lambda: scripted(refuse).transport(),
+            "connect time-out": lambda: RestTransport(unanswered, connect_timeout_s=0.2),
+            "read time-out": lambda: scripted(hang).transport(),
+            "not HTTP": lambda: scripted(garbage).transport(),
+        }[failure]()
+        try:
+            with pytest.raises(TransportConnectionError) as caught:
+                await transport.call("getStats", {})
+        finally:
+            await transport.aclose()
+    assert isinstance(caught.value.__cause__, cause)
     assert caught.value.fields["request_sent"] is sent
     assert caught.value.retryable
 
@@ -278,35 +279,37 @@ STORAGE_DOWN = answer(503, {"_tag": "StorageBackendError", "message": "store dow
 NOT_LEADER = answer(503, {"_tag": "BrokerLeadershipError", "message": "no", "leader": "b2:81"})
 
 
-async def test_idempotent_calls_are_retried_until_they_succeed() -> None:
-    broker = MockBroker(STORAGE_DOWN, raise_(httpx.ReadTimeout), answer(200, {"total": 3}))
+async def test_idempotent_calls_are_retried_until_they_succeed(scripted: Scripted) -> None:
+    broker = scripted(STORAGE_DOWN, hang, answer(200, {"total": 3}))
     async with broker.client() as client:
         assert await client.stats() == {"total": 3}
     assert len(broker.requests) == 3
 
 
-async def test_keyed_submit_is_retried_and_reports_duplicate() -> None:
-    broker = MockBroker(STORAGE_DOWN, answer(200, {"jobId": "j1", "duplicate": True}))
+async def test_keyed_submit_is_retried_and_reports_duplicate(scripted: Scripted) -> None:
+    broker = scripted(STORAGE_DOWN, answer(200, {"jobId": "j1", "duplicate": True}))
     async with broker.client() as client:
         receipt = await client.submit_with_receipt({"a": 1}, idempotency_key="k")
     assert receipt == SubmitReceipt("j1", duplicate=True)
     assert len(broker.requests) == 2
 
 
-@pytest.mark.parametrize("failure", [STORAGE_DOWN, raise_(httpx.ReadTimeout)])
+@pytest.mark.parametrize("failure", [STORAGE_DOWN, hang])
 async def test_submit_without_key_is_not_retried_when_it_may_have_landed(
-    failure: Responder,
+    failure: Responder, scripted: Scripted
 ) -> None:
-    broker = MockBroker(failure, answer(200, {"jobId": "j2"}))
+    broker = scripted(failure, answer(200, {"jobId": "j2"}))
     async with broker.client(auto_idempotency=False) as client:
         with pytest.raises((StorageBackendError, TransportConnectionError)):
             await client.submit({"a": 1})
     assert len(broker.requests) == 1
 
 
-@pytest.mark.parametrize("failure", [STORAGE_DOWN, raise_(httpx.ReadTimeout)])
-async def test_submit_gets_a_key_of_its_own_so_a_retry_is_safe(failure: Responder) -> None:
-    broker = MockBroker(failure, answer(200, {"jobId": "j2", "duplicate": True}))
+@pytest.mark.parametrize("failure", [STORAGE_DOWN, hang])
+async def test_submit_gets_a_key_of_its_own_so_a_retry_is_safe(
+    failure: Responder, scripted: Scripted
+) -> None:
+    broker = scripted(failure, answer(200, {"jobId": "j2", "duplicate": True}))
     async with broker.client() as client:
         receipt = await client.submit_with_receipt({"a": 1})
     keys = [json.loads(request.content)["idempotencyKey"] for request in broker.requests]
@@ -315,25 +318,27 @@ async def test_submit_gets_a_key_of_its_own_so_a_retry_is_safe(failure: Responde
     assert receipt == SubmitReceipt("j2", duplicate=False)
 
 
-@pytest.mark.parametrize("failure", [NOT_LEADER, raise_(httpx.ConnectError)])
-async def test_any_call_is_retried_when_it_surely_did_not_land(failure: Responder) -> None:
-    broker = MockBroker(failure, answer(200, {"jobId": "j3", "payload": 1, "attempts": 1}))
+@pytest.mark.parametrize("failure", [NOT_LEADER, refuse])
+async def test_any_call_is_retried_when_it_surely_did_not_land(
+    failure: Responder, scripted: Scripted
+) -> None:
+    broker = scripted(failure, answer(200, {"jobId": "j3", "payload": 1, "attempts": 1}))
     async with broker.client() as client:
         job = await client.claim("w")
     assert job is not None and job.job_id == "j3"
     assert len(broker.requests) == 2
 
 
-async def test_claim_is_not_retried_after_a_read_timeout() -> None:
-    broker = MockBroker(raise_(httpx.ReadTimeout), answer(200, {}))
+async def test_claim_is_not_retried_after_a_read_timeout(scripted: Scripted) -> None:
+    broker = scripted(hang, answer(200, {}))
     async with broker.client() as client:
         with pytest.raises(TransportConnectionError):
             await client.claim("w")
     assert len(broker.requests) == 1
 
 
-async def test_retries_stop_at_the_deadline() -> None:
-    broker = MockBroker(STORAGE_DOWN)
+async def test_retries_stop_at_the_deadline(scripted: Scripted) -> None:
+    broker = scripted(STORAGE_DOWN)
     retry = ClientRetry(deadline_s=0.1, base_s=0.01, cap_s=0.02)
     async with broker.client(retry=retry) as client:
         with pytest.raises(StorageBackendError):
@@ -341,23 +346,24 @@ async def test_retries_stop_at_the_deadline() -> None:
     assert 3 <= len(broker.requests) <= 30
 
 
-async def test_non_retryable_errors_are_raised_at_once() -> None:
-    broker = MockBroker(answer(409, {"_tag": "LeaseLostError", "message": "gone"}))
+async def test_non_retryable_errors_are_raised_at_once(scripted: Scripted) -> None:
+    broker = scripted(answer(409, {"_tag": "LeaseLostError", "message": "gone"}))
     async with broker.client() as client:
         with pytest.raises(LeaseLostError):
             await client.heartbeat("j", "w", attempt=1)
     assert len(broker.requests) == 1
 
 
-async def test_discover_hook_switches_broker() -> None:
-    by_host = {"b1": MockBroker(NOT_LEADER), "b2": MockBroker(answer(200, {"total": 7}))}
+async def test_discover_hook_switches_broker(scripted: Scripted) -> None:
+    # The client's URLs name b1 and b2; their transports reach the scripted brokers.
+    by_host = {"b1": scripted(NOT_LEADER), "b2": scripted(answer(200, {"total": 7}))}
     made: list[str] = []
     seen: list[tuple[str, str]] = []
 
     def factory(url: str) -> RestTransport:
         made.append(url)
-        host = httpx.URL(url).host
-        return RestTransport(url, http_transport=httpx.MockTransport(by_host[host]))
+        host = url.split("://", 1)[1].split(":", 1)[0]
+        return by_host[host].transport()
 
     async def discover(url: str, error: OsqueueError) -> str | None:
         seen.append((url, error.tag))
@@ -373,8 +379,8 @@ async def test_discover_hook_switches_broker() -> None:
     assert client.url == "http://b2:81"
 
 
-async def test_discover_is_not_asked_after_storage_errors() -> None:
-    broker = MockBroker(STORAGE_DOWN, answer(200, {}))
+async def test_discover_is_not_asked_after_storage_errors(scripted: Scripted) -> None:
+    broker = scripted(STORAGE_DOWN, answer(200, {}))
     asked: list[str] = []
 
     async def discover(url: str, error: OsqueueError) -> str | None:
@@ -392,14 +398,14 @@ async def test_discover_is_not_asked_after_storage_errors() -> None:
 # -- results and configuration -----------------------------------------------------------
 
 
-async def test_batch_results_keep_errors_in_place() -> None:
+async def test_batch_results_keep_errors_in_place(scripted: Scripted) -> None:
     results = {
         "results": [
             {"jobId": "a"},
             {"error": {"_tag": "BrokerProtocolError", "message": "maxAttempts must be >= 1"}},
         ]
     }
-    broker = MockBroker(answer(200, results))
+    broker = scripted(answer(200, results))
     async with broker.client() as client:
         out = await client.submit_batch([JobSpec(1), JobSpec(2, max_attempts=0)])
     assert out[0] == SubmitReceipt("a")
@@ -407,8 +413,8 @@ async def test_batch_results_keep_errors_in_place() -> None:
     assert "maxAttempts" in out[1].message
 
 
-async def test_submit_sends_optional_fields_only_when_given() -> None:
-    broker = MockBroker(answer(200, {"jobId": "j"}))
+async def test_submit_sends_optional_fields_only_when_given(scripted: Scripted) -> None:
+    broker = scripted(answer(200, {"jobId": "j"}))
     async with broker.client(auto_idempotency=False) as client:
         await client.submit("p")
         await client.submit("p", type="t", max_attempts=5, delay_s=1.5, priority=2)
@@ -422,9 +428,9 @@ async def test_submit_sends_optional_fields_only_when_given() -> None:
     ]
 
 
-async def test_claim_answers_parse() -> None:
+async def test_claim_answers_parse(scripted: Scripted) -> None:
     job = {"jobId": "j", "payload": {"x": 1}, "type": "t", "attempts": 2, "maxAttempts": 4}
-    broker = MockBroker(answer(200, {}), answer(200, job), answer(200, {"jobId": 5}))
+    broker = scripted(answer(200, {}), answer(200, job), answer(200, {"jobId": 5}))
     async with broker.client() as client:
         assert await client.claim("w", types=["t"], wait_ms=10) is None
         claimed = await client.claim("w")
@@ -440,7 +446,9 @@ async def test_claim_answers_parse() -> None:
     }
 
 
-async def test_transport_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_transport_settings_are_checked(
+    monkeypatch: pytest.MonkeyPatch, scripted: Scripted
+) -> None:
     for name in ("ws", "connect", "connect-json"):
         await AsyncOsqueueClient(transport=name).close()  # built by name, nothing sent
     with pytest.raises(TransportConfigError, match="unknown transport"):
@@ -450,7 +458,7 @@ async def test_transport_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(TransportConfigError, match="does not implement Transport"):
         AsyncOsqueueClient(transport=lambda url: object())  # type: ignore[arg-type,return-value]
     with pytest.raises(TransportConfigError, match="discover="):
-        AsyncOsqueueClient(transport=MockBroker().transport(), discover=follow_leader_hint)
+        AsyncOsqueueClient(transport=scripted().transport(), discover=follow_leader_hint)
 
 
 async def test_url_and_token_default_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -459,22 +467,22 @@ async def test_url_and_token_default_from_the_environment(monkeypatch: pytest.Mo
     client = AsyncOsqueueClient()
     assert client.url == "http://broker.internal:9000"
     assert isinstance(client._transport, RestTransport)
-    assert client._transport._http.headers["authorization"] == "Bearer from-env"
+    assert client._transport._headers["authorization"] == "Bearer from-env"
     await client.close()
     monkeypatch.delenv("BROKER_URL")
     assert AsyncOsqueueClient().url == "http://localhost:8080"
 
 
-async def test_a_closed_client_refuses_calls() -> None:
-    client = MockBroker(answer(200, {})).client()
+async def test_a_closed_client_refuses_calls(scripted: Scripted) -> None:
+    client = scripted(answer(200, {})).client()
     await client.close()
     await client.close()
     with pytest.raises(TransportConfigError, match="closed"):
         await client.stats()
 
 
-def test_sync_client_shares_the_mapping_and_errors() -> None:
-    broker = MockBroker(
+def test_sync_client_shares_the_mapping_and_errors(scripted: Scripted) -> None:
+    broker = scripted(
         answer(200, {"jobId": "j1"}),
         answer(409, {"_tag": "LeaseLostError", "message": "gone"}),
         answer(200, {"purged": 4}),
@@ -484,7 +492,7 @@ def test_sync_client_shares_the_mapping_and_errors() -> None:
         with pytest.raises(LeaseLostError):
             client.complete("j1", "w", attempt=1)
         assert client.purge_dead() == 4
-    assert [r.url.path for r in broker.requests] == [
+    assert [r.path for r in broker.requests] == [
         "/v1/jobs",
         "/v1/jobs/j1/complete",
         "/v1/dead",

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
+from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from osqueue.client import AsyncOsqueueClient, JobSpec, RestTransport
+from osqueue.client import AsyncOsqueueClient, JobSpec
 from osqueue.errors import BrokerProtocolError
 from osqueue.model import decode_json
 from osqueue.registry import JobRegistry
+from tests.unit.scripted_broker import Received, ScriptedBroker
 
 
 class ResizeArgs(BaseModel):
@@ -130,22 +132,22 @@ def test_handler_decorator_records_handlers(registry: JobRegistry) -> None:
     assert registry.handlers == {"resize": resize}
 
 
-class _Recorder:
-    """An httpx mock broker that records request bodies and answers a job id."""
-
-    def __init__(self) -> None:
-        self.bodies: list[Any] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.bodies.append(decode_json(request.content))
-        if request.url.path == "/v1/jobs/batch":
-            return httpx.Response(200, json={"results": [{"jobId": "b1"}, {"jobId": "b2"}]})
-        return httpx.Response(200, json={"jobId": "j1"})
+def _job_ids(request: Received) -> web.Response:
+    """The scripted broker's answer: a job id, or two for a batch."""
+    if request.path == "/v1/jobs/batch":
+        return web.json_response({"results": [{"jobId": "b1"}, {"jobId": "b2"}]})
+    return web.json_response({"jobId": "j1"})
 
 
-async def test_client_validates_and_dumps_on_submit(registry: JobRegistry) -> None:
-    recorder = _Recorder()
-    transport = RestTransport("http://broker", http_transport=httpx.MockTransport(recorder))
+def _bodies(broker: ScriptedBroker) -> list[Any]:
+    return [decode_json(request.content) for request in broker.requests]
+
+
+async def test_client_validates_and_dumps_on_submit(
+    registry: JobRegistry, scripted: Callable[..., ScriptedBroker]
+) -> None:
+    broker = scripted(_job_ids)
+    transport = broker.transport()
     async with AsyncOsqueueClient(
         transport=transport, registry=registry, auto_idempotency=False
     ) as client:
@@ -154,7 +156,7 @@ async def test_client_validates_and_dumps_on_submit(registry: JobRegistry) -> No
         with pytest.raises(BrokerProtocolError, match="width"):
             await client.submit({"path": "q", "width": 0}, type="resize")
         await client.submit_batch([JobSpec(ResizeArgs(path="r", width=1)), JobSpec({"x": 1})])
-    assert recorder.bodies == [
+    assert _bodies(broker) == [
         {"payload": {"path": "p", "width": 2, "height": 100}, "type": "resize"},
         {"payload": {"path": "q", "width": 5, "height": 100}, "type": "resize"},
         {
@@ -166,11 +168,13 @@ async def test_client_validates_and_dumps_on_submit(registry: JobRegistry) -> No
     ]
 
 
-async def test_client_without_registry_dumps_models() -> None:
-    recorder = _Recorder()
-    transport = RestTransport("http://broker", http_transport=httpx.MockTransport(recorder))
+async def test_client_without_registry_dumps_models(
+    scripted: Callable[..., ScriptedBroker],
+) -> None:
+    broker = scripted(_job_ids)
+    transport = broker.transport()
     async with AsyncOsqueueClient(transport=transport, auto_idempotency=False) as client:
         await client.submit(ResizeArgs(path="p", width=2), type="resize")
-    assert recorder.bodies == [
+    assert _bodies(broker) == [
         {"payload": {"path": "p", "width": 2, "height": 100}, "type": "resize"}
     ]
