@@ -643,6 +643,9 @@ async def test_lookup_and_cancel_with_a_running_worker(
     await client.cancel(running_async)
     await client.cancel(running_sync)
     await eventually(lambda: len(failures) == 2, "the worker to learn of both cancellations")
+    # The sync handler notices its cancel_event in its own thread, which the worker does
+    # not wait for before reporting the lost lease.
+    await eventually(lambda: len(cancelled) == 2, "both handlers to see the cancellation")
     assert cancelled == {running_async, running_sync}
     assert completed == []
     assert all(isinstance(exc, LeaseLostError) for _, exc in failures)
