@@ -437,9 +437,7 @@ class Engine:
         self._committed = data
         self._last_write_end = time.monotonic()
         self.stats.writes += 1
-        self.stats.last_write_bytes = (
-            len(data) if isinstance(data, bytes) else sum(len(p) for p in data)
-        )
+        self.stats.last_write_bytes = len(data) if isinstance(data, bytes) else sum(map(len, data))
         self._resolve(batch)
         if self.on_commit is not None:
             self.on_commit()

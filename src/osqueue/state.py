@@ -11,8 +11,9 @@ Indexes (rebuilt by :meth:`QueueState.from_document`):
   heaps of those types, so its cost does not grow with the backlog of other types.
 * ``_delayed``: a heap of jobs whose ``runAt`` is in the future, promoted when due.
 * ``_leases``: in-progress job ids in heartbeat order, so expiry looks only at the front.
-* ``_blocks``: the jobs array cut into blocks of consecutive jobs, each with its JSON cached
-  until a transition touches one of its jobs, so a commit re-encodes only what changed.
+* ``_job_blocks``, ``_key_blocks``: the jobs and the idempotency keys cut into blocks of
+  consecutive entries, each with its JSON cached until a transition touches one of its
+  entries, so a commit re-encodes only what changed.
 
 Heap entries are invalidated lazily: each carries the job's generation, bumped whenever the
 job leaves or re-enters the claimable set, and stale entries are dropped when they surface.
@@ -108,6 +109,60 @@ class ClaimResult:
     max_attempts: int
 
 
+class _Blocks:
+    """Entries of a large part of the document (job ids, idempotency keys) in blocks.
+
+    An entry goes into the block ``seq // size`` of its sequence number, so blocks hold
+    consecutive entries in document order. Each block's JSON is cached, with a trailing
+    comma, until one of its entries changes; :meth:`pieces` re-encodes only the blocks
+    marked dirty since the last call and gathers the rest in one pass in C.
+    """
+
+    __slots__ = ("cache", "dirty", "members", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.members: dict[int, dict[str, None]] = {}  # block -> its entries, in order
+        self.cache: dict[int, bytes] = {}
+        self.dirty: set[int] = set()
+
+    def add(self, seq: int, name: str) -> None:
+        block = seq // self.size
+        members = self.members.get(block)
+        if members is None:
+            members = self.members[block] = {}
+        members[name] = None
+        self.touch(seq)
+
+    def remove(self, seq: int, name: str) -> None:
+        block = seq // self.size
+        members = self.members[block]
+        del members[name]
+        if not members:
+            del self.members[block]
+        self.touch(seq)
+
+    def touch(self, seq: int) -> None:
+        """The entry numbered ``seq`` changed: its block must be encoded again."""
+        block = seq // self.size
+        self.cache.pop(block, None)
+        self.dirty.add(block)
+
+    def pieces(self, encode: Callable[[dict[str, None]], bytes]) -> list[bytes]:
+        """The blocks' JSON in order, comma-separated, ``encode`` giving a block's entries
+        without brackets."""
+        if self.dirty:
+            for block in self.dirty:
+                members = self.members.get(block)
+                if members is not None:
+                    self.cache[block] = encode(members) + b","
+            self.dirty.clear()
+        pieces = list(map(self.cache.__getitem__, self.members))
+        if pieces:
+            pieces[-1] = pieces[-1][:-1]
+        return pieces
+
+
 def _resident(job: dict[str, Any]) -> dict[str, Any]:
     """A decoded job rebuilt in the form the broker keeps: payload frozen, objects fresh.
 
@@ -160,8 +215,7 @@ class QueueState:
         self.idempotency: dict[str, list[Any]] = {}
         self._key_seq: dict[str, int] = {}
         self._next_key_seq = 0
-        self._key_blocks: dict[int, dict[str, None]] = {}
-        self._key_block_bytes: dict[int, bytes] = {}
+        self._key_blocks = _Blocks(keys_per_block)
         self._seq: dict[str, int] = {}
         self._next_seq = 0
         self._gen: dict[str, int] = {}
@@ -169,10 +223,7 @@ class QueueState:
         self._ready_by_type: dict[str | None, list[_Entry]] = {}
         self._delayed: list[_DelayedEntry] = []
         self._leases: dict[str, None] = {}
-        self.jobs_per_block = jobs_per_block
-        self.keys_per_block = keys_per_block
-        self._blocks: dict[int, dict[str, None]] = {}  # block -> its job ids, in order
-        self._block_bytes: dict[int, bytes] = {}  # block -> its jobs' JSON, without brackets
+        self._job_blocks = _Blocks(jobs_per_block)
         self._pushes_since_compaction = 0
 
     # -- loading and saving -------------------------------------------------------------
@@ -257,45 +308,20 @@ class QueueState:
         if self.idempotency:
             keys = self.idempotency
             parts.append(b',"idempotencyKeys":{')
-            self._join_blocks(
-                parts,
-                self._key_blocks,
-                self._key_block_bytes,
-                lambda members: encode_state({k: keys[k] for k in members})[1:-1],
+            parts += self._key_blocks.pieces(
+                lambda members: encode_state({k: keys[k] for k in members})[1:-1]
             )
             parts.append(b"}")
         jobs = self.jobs
         parts.append(b',"jobs":[')
-        self._join_blocks(
-            parts,
-            self._blocks,
-            self._block_bytes,
-            lambda members: encode_state([jobs[j] for j in members])[1:-1],
+        parts += self._job_blocks.pieces(
+            lambda members: encode_state([jobs[j] for j in members])[1:-1]
         )
         parts.append(b"]}")
         return parts
 
-    @staticmethod
-    def _join_blocks(
-        parts: list[bytes],
-        blocks: dict[int, dict[str, None]],
-        cache: dict[int, bytes],
-        encode: Callable[[dict[str, None]], bytes],
-    ) -> None:
-        """Append each block's cached JSON to ``parts``, comma-separated, encoding the
-        blocks whose cache was dropped."""
-        first = True
-        for block, members in blocks.items():
-            piece = cache.get(block)
-            if piece is None:
-                piece = cache[block] = encode(members)
-            if not first:
-                parts.append(b",")
-            parts.append(piece)
-            first = False
-
     def _stale(self, job_id: str) -> None:
-        self._block_bytes.pop(self._seq[job_id] // self.jobs_per_block, None)
+        self._job_blocks.touch(self._seq[job_id])
 
     # -- index upkeep ---------------------------------------------------------------
 
@@ -304,12 +330,7 @@ class QueueState:
         self.jobs[job_id] = job
         seq = self._seq[job_id] = self._next_seq
         self._next_seq += 1
-        block = seq // self.jobs_per_block
-        members = self._blocks.get(block)
-        if members is None:
-            members = self._blocks[block] = {}
-        members[job_id] = None
-        self._block_bytes.pop(block, None)
+        self._job_blocks.add(seq, job_id)
         if job.get("status") == "in_progress":
             self._leases[job_id] = None
         else:
@@ -374,12 +395,7 @@ class QueueState:
 
     def _forget(self, job_id: str) -> dict[str, Any]:
         job = self.jobs.pop(job_id)
-        block = self._seq.pop(job_id) // self.jobs_per_block
-        members = self._blocks[block]
-        del members[job_id]
-        if not members:
-            del self._blocks[block]
-        self._block_bytes.pop(block, None)
+        self._job_blocks.remove(self._seq.pop(job_id), job_id)
         self._gen.pop(job_id, None)
         self._leases.pop(job_id, None)
         return job
@@ -641,18 +657,11 @@ class QueueState:
         self.idempotency[key] = entry
         seq = self._key_seq[key] = self._next_key_seq
         self._next_key_seq += 1
-        block = seq // self.keys_per_block
-        self._key_blocks.setdefault(block, {})[key] = None
-        self._key_block_bytes.pop(block, None)
+        self._key_blocks.add(seq, key)
 
     def _forget_key(self, key: str) -> None:
         del self.idempotency[key]
-        block = self._key_seq.pop(key) // self.keys_per_block
-        members = self._key_blocks[block]
-        del members[key]
-        if not members:
-            del self._key_blocks[block]
-        self._key_block_bytes.pop(block, None)
+        self._key_blocks.remove(self._key_seq.pop(key), key)
 
     def prune_idempotency(self, now_ms: int) -> int:
         """Drop idempotency keys past their retention window."""

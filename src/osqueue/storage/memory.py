@@ -81,7 +81,7 @@ class MemoryStorage(Storage):
         return await self._replace(key, bytes(data), expected_version)
 
     async def write_parts(self, key: str, parts: Sequence[bytes], expected_version: str) -> str:
-        return await self._replace(key, tuple(bytes(p) for p in parts), expected_version)
+        return await self._replace(key, tuple(parts), expected_version)  # bytes: immutable
 
     async def _replace(
         self, key: str, data: bytes | tuple[bytes, ...], expected_version: str
