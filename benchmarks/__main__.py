@@ -125,13 +125,13 @@ class Bench:
             p2 = median_of(
                 self.args.runs,
                 lambda: load(
-                    scenario="batch", port=broker.port, connections=4, batch_size=1000, total=40
+                    scenario="batch", port=broker.port, connections=4, batch_size=1000, total=120
                 ),
                 "jobs_per_s",
             )
         self.row(
             "P2",
-            "batch submits of 1,000 jobs, 4 clients",
+            "batch submits of 1,000 jobs, 4 clients, 120 batches per run (one broker)",
             f"{p2['jobs_per_s']:.0f} jobs/s",
             ">= 50,000 jobs/s",
             p2["jobs_per_s"] >= 50_000,
