@@ -197,10 +197,19 @@ class Bench:
         prefill = self.args.prefill
         with servers.start("broker", "--prefill", str(prefill)) as broker:
             before = bench_stats(broker.port)
-            p5a = load(
-                scenario="submit", port=broker.port, connections=64, duration_s=self.duration_s
+            p5a = median_of(
+                self.args.runs,
+                lambda: load(
+                    scenario="submit", port=broker.port, connections=64, duration_s=self.duration_s
+                ),
+                "rps",
             )
-            p5b = self._drain(broker.port, min(2000, p5a["requests"]), types=["bench"])
+            # Each drain takes 4,000 of the jobs P5a submitted, so the 100,000 stay queued.
+            p5b = median_of(
+                self.args.runs,
+                lambda: self._drain(broker.port, min(4000, p5a["requests"]), types=["bench"]),
+                "jobs_per_s",
+            )
             after = bench_stats(broker.port)
         ratio_a = p5a["rps"] / self.figures["p1"]
         ratio_b = p5b["jobs_per_s"] / self.figures["p3"]
@@ -218,16 +227,23 @@ class Bench:
             ">= 50% of P3",
             ratio_b >= 0.5,
         )
-        doc_mb = after["lastWriteBytes"] / 1e6
-        rss_mb = max(before["rss"], after["rss"]) / 1e6
-        limit_mb = 3 * doc_mb + 100
-        self.row(
-            "P5m",
-            "broker memory with that queue",
-            f"RSS {rss_mb:.0f} MB, document {doc_mb:.1f} MB",
-            f"<= {limit_mb:.0f} MB (3x doc + 100)",
-            rss_mb <= limit_mb,
-        )
+        # P5m is the broker holding the 100,000 jobs (read when it has loaded them and made
+        # its first write); P5m+ is the same broker after P5a and P5b, whose submits added
+        # tens of thousands of jobs more.
+        for row, stats, what in (
+            ("P5m", before, f"broker memory with {prefill:,} jobs queued"),
+            ("P5m+", after, f"the same after P5a/P5b ({after['queued']:,} jobs queued)"),
+        ):
+            doc_mb = stats["lastWriteBytes"] / 1e6
+            rss_mb = stats["rss"] / 1e6
+            limit_mb = 3 * doc_mb + 100
+            self.row(
+                row,
+                what,
+                f"RSS {rss_mb:.0f} MB, document {doc_mb:.1f} MB",
+                f"<= {limit_mb:.0f} MB (3x doc + 100)",
+                rss_mb <= limit_mb,
+            )
 
     def p6(self) -> None:
         seconds = self.args.p6_seconds

@@ -83,7 +83,7 @@ async def _serve_broker(args: argparse.Namespace) -> None:
             body = {
                 "writes": stats.writes,
                 "largestBatch": stats.largest_batch,
-                "lastWriteBytes": stats.last_write_bytes,
+                "lastWriteBytes": engine.committed_size,
                 "rss": rss_bytes(os.getpid()),
                 "queued": len(engine.state.jobs),
             }

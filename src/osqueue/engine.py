@@ -168,8 +168,14 @@ class Engine:
         return committed
 
     @committed_bytes.setter
-    def committed_bytes(self, data: bytes) -> None:
+    def committed_bytes(self, data: bytes | list[bytes]) -> None:
         self._committed = data
+
+    @property
+    def committed_size(self) -> int:
+        """The size in bytes of the document as last written (without joining it)."""
+        committed = self._committed
+        return len(committed) if isinstance(committed, bytes) else sum(map(len, committed))
 
     @property
     def leader(self) -> bool:

@@ -180,13 +180,17 @@ class Leadership:
         now_ms = engine.clock_ms()
         engine.state.register(self.address, self.broker_id, now_ms, takeover=takeover)
         engine.state.commit_id = uuid.uuid4().hex
-        data = engine.state.encode()
+        # In pieces, like every commit: the memory store keeps them, so a large document is
+        # not held twice (the engine's block cache and one joined copy).
+        parts = engine.state.encode_parts()
+        data: bytes | list[bytes] = parts
         started = time.monotonic()
         try:
             if stored is None:
+                data = b"".join(parts)
                 version = await engine.storage.create_if_not_exists(STATE_KEY, data)
             else:
-                version = await engine.storage.write(STATE_KEY, data, stored.version)
+                version = await engine.storage.write_parts(STATE_KEY, parts, stored.version)
         except CASConflictError:
             log.info("broker %s lost the race to lead; reading again", self.broker_id)
             return False
