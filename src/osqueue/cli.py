@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 import click
 import orjson
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from osqueue.broker.validation import parse_body
 from osqueue.errors import BrokerProtocolError, ConfigError, OsqueueError
 
 if TYPE_CHECKING:
@@ -57,10 +59,10 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return runner(coro)
     except ConfigError as exc:
-        console.print(f"[red]configuration error:[/red] {exc.message}")
+        console.print(f"[red]configuration error:[/red] {escape(exc.message)}")
         sys.exit(EXIT_CONFIG)
     except OsqueueError as exc:
-        console.print(f"[red]{exc.tag}:[/red] {exc.message}")
+        console.print(f"[red]{exc.tag}:[/red] {escape(exc.message)}")
         sys.exit(EXIT_UNAVAILABLE if exc.retryable else EXIT_FAILED)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
@@ -400,11 +402,13 @@ def worker(
 
 
 def _parse_payload(text: str) -> Any:
+    """PAYLOAD decoded as strictly as the broker decodes a body: an integer beyond 64 bits
+    is refused, not turned into a float."""
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
+        return parse_body(text.encode())
+    except BrokerProtocolError as exc:
         raise ConfigError(
-            f"PAYLOAD is not valid JSON ({exc}); quote it like '{{\"a\": 1}}'"
+            f"PAYLOAD is refused ({exc.message}); quote JSON like '{{\"a\": 1}}'"
         ) from None
 
 
@@ -438,10 +442,7 @@ def _read_batch(lines: TextIO, defaults: JobSpec) -> list[tuple[int, JobSpec | O
         if not line.strip():
             continue
         try:
-            spec = JobSpec.from_body(orjson.loads(line))
-        except orjson.JSONDecodeError as exc:
-            entries.append((number, BrokerProtocolError(f"line is not valid JSON: {exc}")))
-            continue
+            spec = JobSpec.from_body(parse_body(line.encode()))
         except BrokerProtocolError as exc:
             entries.append((number, exc))
             continue

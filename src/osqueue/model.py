@@ -105,7 +105,11 @@ def thaw_payload(value: Any) -> Any:
 
 
 def decode_json(data: bytes | str) -> Any:
-    """Decode strictly (orjson refuses NaN, Infinity, invalid UTF-8 and >64-bit integers)."""
+    """Decode JSON the broker wrote (orjson refuses NaN, Infinity and invalid UTF-8).
+
+    orjson turns integers beyond 64 bits into floats; text from users goes through
+    ``osqueue.broker.validation.parse_body``, which refuses them instead.
+    """
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:

@@ -138,6 +138,7 @@ def test_submit_batch_file_and_stdin(cli: Processes, tmp_path: Path) -> None:
         {"payload": {"n": 3}, "delayMs": 60_000, "idempotencyKey": "batch-3"},
         {"payload": {"n": 4}, "idempotencyKey": "batch-3"},
         {"payload": {"n": 5}, "prio": 1},
+        {"payload": {"id": 123456789012345678901234567890}},  # not to become a float
     ]
     batch = tmp_path / "jobs.jsonl"
     batch.write_text("\n".join(json.dumps(line) for line in lines) + "\n\nnot json\n")
@@ -146,13 +147,15 @@ def test_submit_batch_file_and_stdin(cli: Processes, tmp_path: Path) -> None:
                      "--transport", "connect")  # fmt: skip
     assert result.returncode == 1, "a refused line makes the exit code 1"
     rows = json.loads(result.stdout)["results"]
-    assert [r["line"] for r in rows] == [1, 2, 3, 4, 5, 7]
-    first, zero_attempts, delayed, duplicate, unknown, not_json = rows
+    assert [r["line"] for r in rows] == [1, 2, 3, 4, 5, 6, 8]
+    first, zero_attempts, delayed, duplicate, unknown, too_big, not_json = rows
     assert not first["duplicate"] and not delayed["duplicate"]
     assert duplicate == {"line": 4, "jobId": delayed["jobId"], "duplicate": True}
     assert "maxAttempts" in zero_attempts["error"]["message"]
     assert "'prio'" in unknown["error"]["message"]
     assert "not valid JSON" in not_json["error"]["message"]
+    assert "$.payload.id" in too_big["error"]["message"]
+    assert "64 bits" in too_big["error"]["message"]
     a = get_job(cli, first["jobId"])
     assert (a["type"], a["priority"]) == ("batch-a", 5), "a line's own fields win"
     c = get_job(cli, delayed["jobId"])
@@ -167,6 +170,8 @@ def test_submit_batch_file_and_stdin(cli: Processes, tmp_path: Path) -> None:
     stdin_jobs = [j for j in listing if j["type"] == "batch-stdin"]
     assert [j["payload"] for j in stdin_jobs] == [0, 1, 2]
     assert {j["priority"] for j in stdin_jobs} == {2}
+    big = cli.run("submit", "123456789012345678901234567890")
+    assert big.returncode != 0 and "64 bits" in big.stdout + big.stderr, "refused, not rounded"
     usage = cli.run("submit", '{"x": 1}', "--batch", str(batch))
     assert usage.returncode == 2 and "one of them" in usage.stderr
 

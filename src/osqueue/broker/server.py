@@ -93,10 +93,18 @@ class Broker:
 
     def extra_routes(self) -> list[BaseRoute]:
         """Routes of the other transports (WebSocket, Connect) mounted beside REST."""
-        routes: list[BaseRoute] = []
-        for module in ("osqueue.broker.ws", "osqueue.broker.connect"):
-            with contextlib.suppress(ImportError):
-                routes.extend(__import__(module, fromlist=["routes"]).routes(self))
+        from osqueue.broker import ws
+
+        routes: list[BaseRoute] = list(ws.routes(self))
+        try:
+            from osqueue.broker import connect
+        except ImportError as exc:
+            log.warning(
+                "Connect is not served (%s): install the broker with 'osqueue[connect]'",
+                exc,
+            )
+        else:
+            routes.extend(connect.routes(self))
         return routes
 
     def leader_address(self) -> str | None:
