@@ -18,7 +18,7 @@ from yarl import URL
 
 from osqueue.errors import TransportConfigError, TransportConnectionError
 
-__all__ = ["DEFAULT_MAX_IDLE_S", "BrokerSession"]
+__all__ = ["DEFAULT_MAX_IDLE_S", "BrokerSession", "bearer_header"]
 
 #: An idle connection older than this is closed rather than reused: the broker's server
 #: (uvicorn) closes connections idle for 5 s, and a request sent on a connection the server
@@ -29,6 +29,15 @@ DEFAULT_MAX_IDLE_S: Final = 3.0
 # handshake, no connection within the connect time-out.
 _NOT_SENT: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 _CACHED_TIMEOUTS: Final = 32
+
+
+def bearer_header(token: str | None) -> dict[str, str]:
+    """The ``authorization`` header for ``token`` (none without one)."""
+    if not token:
+        return {}
+    if not token.isprintable():
+        raise TransportConfigError("the token has a control character (OSQUEUE_TOKEN)")
+    return {"authorization": f"Bearer {token}"}
 
 
 class BrokerSession:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Final, Literal
 
-from osqueue.client._session import BrokerSession
+from osqueue.client._session import BrokerSession, bearer_header
 from osqueue.client.rest import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
@@ -63,11 +63,8 @@ class ConnectTransport:
             "user-agent": USER_AGENT,
             "content-type": f"application/{codec}",
             "connect-protocol-version": "1",
+            **bearer_header(token),
         }
-        if token:
-            if not token.isprintable():
-                raise TransportConfigError("the token has a control character (OSQUEUE_TOKEN)")
-            headers["authorization"] = f"Bearer {token}"
         self._http = BrokerSession(
             self.base_url,
             headers,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Final
 from urllib.parse import quote
 
-from osqueue.client._session import BrokerSession
+from osqueue.client._session import BrokerSession, bearer_header
 from osqueue.errors import (
     BrokerProtocolError,
     TransportConfigError,
@@ -77,11 +77,7 @@ class RestTransport:
         self.base_url = normalize_base_url(base_url)
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
-        headers = {"user-agent": USER_AGENT, "accept": "application/json"}
-        if token:
-            if not token.isprintable():
-                raise TransportConfigError("the token has a control character (OSQUEUE_TOKEN)")
-            headers["authorization"] = f"Bearer {token}"
+        headers = {"user-agent": USER_AGENT, "accept": "application/json", **bearer_header(token)}
         self._headers = headers
         self._http = BrokerSession(
             self.base_url,
