@@ -99,7 +99,8 @@ class Broker:
         try:
             from osqueue.broker import connect
         except ImportError as exc:
-            log.warning(
+            # INFO, not WARNING: REST and WebSocket serve everyone; the demo need not say it.
+            log.info(
                 "Connect is not served (%s): install the broker with 'osqueue[connect]'",
                 exc,
             )
